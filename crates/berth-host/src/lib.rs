@@ -1,0 +1,290 @@
+//! The only place in Berth that talks to the kernel.
+//!
+//! Everything the storage engine does to the host (mounts, loop devices, btrfs subvolumes and
+//! qgroups, image files, mkfs, statfs, mountinfo) goes through the [`HostOps`] trait. The real
+//! implementation is [`LinuxHost`]; [`fake::RecordingHost`] keeps an in-memory model of the same
+//! state and records every call, so the engine's logic can be unit-tested without root.
+//!
+//! Guarantees every implementation keeps:
+//! - Every mutating call is idempotent where the doc says so ("already gone" is success).
+//! - Paths handed in by a container orchestrator (target paths) are never followed through a
+//!   final symlink: mounts are made through file descriptors opened with `O_NOFOLLOW`.
+//! - Errors carry the operation, the path and the OS error, so a caller can say what to do.
+
+use std::path::{Path, PathBuf};
+
+pub mod fake;
+mod linux;
+pub mod mountinfo;
+
+pub use linux::LinuxHost;
+pub use mountinfo::MountEntry;
+
+pub type Result<T> = std::result::Result<T, HostError>;
+
+/// What went wrong at the host boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// A system call failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A path that must not be a symlink is one (it could point anywhere).
+    #[error("{path} is a symbolic link; refusing to follow it")]
+    Symlink { path: PathBuf },
+    /// A path exists but is the wrong kind of file (directory where a file is needed, ...).
+    #[error("{path}: {reason}")]
+    WrongType { path: PathBuf, reason: String },
+    /// An external program (mkfs, blkid) failed.
+    #[error("{program} failed ({status}): {stderr}")]
+    Command {
+        program: String,
+        status: String,
+        stderr: String,
+    },
+    /// The host lacks a feature (for example btrfs quotas are off and cannot be enabled).
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+impl HostError {
+    /// The raw OS error number, when the error came from a system call.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            HostError::Io { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+
+    /// Builds an [`HostError::Io`] from an errno-carrying error.
+    pub fn io(op: &'static str, path: impl Into<PathBuf>, source: impl Into<std::io::Error>) -> Self {
+        HostError::Io {
+            op,
+            path: path.into(),
+            source: source.into(),
+        }
+    }
+}
+
+/// A filesystem Berth can create on an image file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileSystem {
+    Ext4,
+    Xfs,
+    Btrfs,
+}
+
+impl FileSystem {
+    /// The kernel's name for it, as used by mount(2) and mkfs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileSystem::Ext4 => "ext4",
+            FileSystem::Xfs => "xfs",
+            FileSystem::Btrfs => "btrfs",
+        }
+    }
+
+    /// Parses a CSI `fs_type` / `csi.storage.k8s.io/fstype` value.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "ext4" => Some(FileSystem::Ext4),
+            "xfs" => Some(FileSystem::Xfs),
+            "btrfs" => Some(FileSystem::Btrfs),
+            _ => None,
+        }
+    }
+
+    /// The smallest filesystem mkfs accepts (mkfs.xfs refuses anything under 300 MB).
+    pub fn min_size(self) -> u64 {
+        match self {
+            FileSystem::Ext4 => 1 << 20,
+            FileSystem::Xfs => 300 * 1_000_000,
+            FileSystem::Btrfs => 114 << 20,
+        }
+    }
+}
+
+/// Well-known `statfs.f_type` magic numbers.
+pub mod magic {
+    pub const BTRFS: u64 = 0x9123_683e;
+    pub const EXT4: u64 = 0xef53;
+    pub const XFS: u64 = 0x5846_5342;
+    pub const TMPFS: u64 = 0x0102_1994;
+}
+
+/// What statfs(2) says about a mounted filesystem.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FsStats {
+    /// `f_type`, compare with [`magic`].
+    pub fs_type: u64,
+    pub block_size: u64,
+    pub total_bytes: u64,
+    /// Free bytes available to unprivileged users (`f_bavail`).
+    pub available_bytes: u64,
+    pub used_bytes: u64,
+    pub total_inodes: u64,
+    pub free_inodes: u64,
+    pub used_inodes: u64,
+}
+
+/// Usage and limit of one btrfs qgroup (level 0: one subvolume).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QgroupInfo {
+    pub subvolume_id: u64,
+    pub referenced_bytes: u64,
+    pub exclusive_bytes: u64,
+    /// `max_rfer`, `None` when unlimited.
+    pub max_referenced: Option<u64>,
+}
+
+/// How to attach a loop device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoopOptions {
+    pub read_only: bool,
+    /// `LO_FLAGS_DIRECT_IO`: no double caching of the image file in the page cache.
+    pub direct_io: bool,
+    /// `LO_FLAGS_AUTOCLEAR`: the kernel detaches the device on last close (after unmount).
+    pub autoclear: bool,
+}
+
+/// An attached loop device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoopDevice {
+    /// `/dev/loopN`
+    pub device: PathBuf,
+    pub number: u32,
+    /// Backing file as the kernel reports it (`/sys/block/loopN/loop/backing_file`).
+    pub backing_file: PathBuf,
+    pub direct_io: bool,
+    pub autoclear: bool,
+    pub read_only: bool,
+}
+
+/// What to mount.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MountSource {
+    /// A new instance of a block-device filesystem (ext4, xfs, btrfs) from this device.
+    Device { device: PathBuf, fs: FileSystem },
+    /// A new tmpfs.
+    Tmpfs,
+    /// A bind mount of an existing file or directory (trusted path, built by Berth).
+    Bind { source: PathBuf },
+}
+
+/// A mount to make. `target` must exist; a final symlink is refused with [`HostError::Symlink`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountRequest {
+    pub source: MountSource,
+    pub target: PathBuf,
+    pub read_only: bool,
+    /// Options in mount(8) syntax, e.g. `size=1048576`, `noatime`, `nosuid`, `discard`.
+    /// Flags that are mount attributes (ro, nosuid, nodev, noexec, noatime, relatime, nodiratime)
+    /// are applied as attributes; the rest go to the filesystem (fsconfig).
+    pub options: Vec<String>,
+}
+
+/// The outcome of an unmount that did not fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unmounted {
+    /// A mount was removed.
+    Removed,
+    /// Nothing was mounted there (or the path is gone): success for idempotent callers.
+    NotMounted,
+}
+
+/// The kind of file a target path must be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TargetKind {
+    Directory,
+    /// A regular file to bind a block device node onto.
+    File,
+}
+
+/// Every kernel-facing operation the storage engine needs.
+///
+/// Paths named "trusted" are built by Berth from validated ids beneath its own roots. Paths
+/// named "target" come from a container orchestrator and are checked (no final symlink).
+pub trait HostOps: Send + Sync + std::fmt::Debug {
+    // ---- files and directories (trusted paths) ----
+
+    /// `mkdir -p` with the given mode for created directories.
+    fn create_dir_all(&self, path: &Path, mode: u32) -> Result<()>;
+    /// Removes an empty directory; a missing one is success.
+    fn remove_dir(&self, path: &Path) -> Result<()>;
+    /// Names in a directory (not `.`/`..`); a missing directory yields an empty list.
+    fn list_dir(&self, path: &Path) -> Result<Vec<String>>;
+    /// Whether something exists at `path` (lstat: a dangling symlink exists).
+    fn exists(&self, path: &Path) -> Result<bool>;
+    /// Creates a preallocated image file of exactly `size` bytes (fallocate). With `nocow`, the
+    /// file gets `FS_NOCOW_FL` before any data (on btrfs: overwrites in place). If a file already
+    /// exists there with the same size this is success; with another size it is `WrongType`.
+    fn create_image(&self, path: &Path, size: u64, nocow: bool) -> Result<()>;
+    /// Size in bytes of a regular file, `None` if missing.
+    fn file_size(&self, path: &Path) -> Result<Option<u64>>;
+    /// Removes a file; a missing one is success.
+    fn remove_file(&self, path: &Path) -> Result<()>;
+
+    // ---- target paths (untrusted) ----
+
+    /// Makes sure `target` exists as `kind`: creates it when missing (the parent must exist),
+    /// accepts an existing one of the right kind, refuses a symlink with [`HostError::Symlink`]
+    /// and the wrong kind with [`HostError::WrongType`]. For `File`, an existing *empty
+    /// directory* is replaced by a file (COs create directories for block targets too).
+    fn prepare_target(&self, target: &Path, kind: TargetKind) -> Result<()>;
+    /// Removes a target file or empty directory after unmounting; missing is success.
+    /// Never follows or removes through a symlink.
+    fn remove_target(&self, target: &Path) -> Result<()>;
+
+    // ---- statfs ----
+
+    fn statfs(&self, path: &Path) -> Result<FsStats>;
+
+    // ---- btrfs (paths are trusted; `mount` is the btrfs mount point of the pool) ----
+
+    /// Enables quotas (qgroups) on the filesystem; already enabled is success.
+    fn btrfs_quota_enable(&self, mount: &Path) -> Result<()>;
+    /// Creates subvolume `parent/name` and returns its id. If a subvolume already exists there,
+    /// returns its id (idempotent).
+    fn btrfs_subvolume_create(&self, parent: &Path, name: &str) -> Result<u64>;
+    /// Subvolume id of the subvolume at `path`.
+    fn btrfs_subvolume_id(&self, path: &Path) -> Result<u64>;
+    /// Deletes subvolume `parent/name` (also when not empty); a missing one is success.
+    fn btrfs_subvolume_delete(&self, parent: &Path, name: &str) -> Result<()>;
+    /// Sets (or with `None` clears) the referenced-bytes limit of qgroup 0/`subvolume_id`.
+    fn btrfs_qgroup_limit(&self, mount: &Path, subvolume_id: u64, max_referenced: Option<u64>) -> Result<()>;
+    /// Level-0 qgroups with usage and limits.
+    fn btrfs_qgroups(&self, mount: &Path) -> Result<Vec<QgroupInfo>>;
+    /// Destroys qgroup 0/`subvolume_id`; a missing one is success. EBUSY while the kernel still
+    /// cleans a deleted subvolume is returned as an error (retry later).
+    fn btrfs_qgroup_destroy(&self, mount: &Path, subvolume_id: u64) -> Result<()>;
+
+    // ---- loop devices ----
+
+    /// Attaches `backing` (trusted) to a free loop device with `LOOP_CONFIGURE`.
+    fn loop_attach(&self, backing: &Path, options: LoopOptions) -> Result<LoopDevice>;
+    /// Detaches a loop device; one already detached is success.
+    fn loop_detach(&self, device: &Path) -> Result<()>;
+    /// Every attached loop device with its backing file.
+    fn loop_devices(&self) -> Result<Vec<LoopDevice>>;
+
+    // ---- filesystems on devices ----
+
+    /// The filesystem type found on a device (`Some("ext4")`), `None` if it holds none.
+    fn probe_filesystem(&self, device: &Path) -> Result<Option<String>>;
+    /// Formats a device or image file.
+    fn mkfs(&self, device: &Path, fs: FileSystem) -> Result<()>;
+
+    // ---- mounts ----
+
+    fn mount(&self, request: &MountRequest) -> Result<()>;
+    /// Unmounts the top mount at `target`. Not mounted (EINVAL) or missing (ENOENT) is
+    /// `Ok(NotMounted)`. EBUSY is an error: never report success while the mount is there.
+    fn unmount(&self, target: &Path) -> Result<Unmounted>;
+    /// The current mount table of this process's mount namespace.
+    fn mountinfo(&self) -> Result<Vec<MountEntry>>;
+}
