@@ -99,11 +99,12 @@ impl FileSystem {
         }
     }
 
-    /// The smallest filesystem mkfs accepts (mkfs.xfs refuses anything under 300 MB).
+    /// The smallest filesystem mkfs accepts (mkfs.xfs refuses anything under 300 MiB:
+    /// 314,572,800 bytes works, 512 bytes less does not).
     pub fn min_size(self) -> u64 {
         match self {
             FileSystem::Ext4 => 1 << 20,
-            FileSystem::Xfs => 300 * 1_000_000,
+            FileSystem::Xfs => 300 << 20,
             FileSystem::Btrfs => 114 << 20,
         }
     }
@@ -148,7 +149,12 @@ pub struct LoopOptions {
     pub read_only: bool,
     /// `LO_FLAGS_DIRECT_IO`: no double caching of the image file in the page cache.
     pub direct_io: bool,
-    /// `LO_FLAGS_AUTOCLEAR`: the kernel detaches the device on last close (after unmount).
+    /// `LO_FLAGS_AUTOCLEAR`: the kernel detaches the device on its last close, i.e. when the
+    /// filesystem on it is unmounted. The kernel acts on *any* last close, so the implementation
+    /// keeps the device open from `loop_attach` until a [`MountSource::Device`] mount of it
+    /// succeeds (or until `loop_detach`, or the process exits, which then detaches it: nothing
+    /// leaks after a crash). Use it for devices that will carry a mounted filesystem, not for
+    /// raw block volumes, whose bind mounts do not hold the device open.
     pub autoclear: bool,
 }
 
@@ -234,10 +240,13 @@ pub trait HostOps: Send + Sync + std::fmt::Debug {
     /// Makes sure `target` exists as `kind`: creates it when missing (the parent must exist),
     /// accepts an existing one of the right kind, refuses a symlink with [`HostError::Symlink`]
     /// and the wrong kind with [`HostError::WrongType`]. For `File`, an existing *empty
-    /// directory* is replaced by a file (COs create directories for block targets too).
+    /// directory* is replaced by a file (COs create directories for block targets too). A `File`
+    /// target that already has a device node bound onto it (it stats as a block device) is
+    /// accepted, so a retried publish succeeds.
     fn prepare_target(&self, target: &Path, kind: TargetKind) -> Result<()>;
     /// Removes a target file or empty directory after unmounting; missing is success.
-    /// Never follows or removes through a symlink.
+    /// Never follows or removes through a symlink: a symlink at `target` is itself unlinked.
+    /// A target that is still a mount point fails with EBUSY.
     fn remove_target(&self, target: &Path) -> Result<()>;
 
     // ---- statfs ----
@@ -258,7 +267,21 @@ pub trait HostOps: Send + Sync + std::fmt::Debug {
     /// Sets (or with `None` clears) the referenced-bytes limit of qgroup 0/`subvolume_id`.
     fn btrfs_qgroup_limit(&self, mount: &Path, subvolume_id: u64, max_referenced: Option<u64>) -> Result<()>;
     /// Level-0 qgroups with usage and limits.
+    ///
+    /// Usage is as of the last transaction commit: the kernel accounts extents to qgroups when
+    /// it commits (every 30 s by default, see the `commit=` mount option), so data written since
+    /// is not yet counted. Call [`HostOps::btrfs_sync`] first when the numbers must be current
+    /// (capacity checks, tests); limits are enforced at write time regardless. Fails with
+    /// ENOTCONN when quotas are not enabled.
     fn btrfs_qgroups(&self, mount: &Path) -> Result<Vec<QgroupInfo>>;
+    /// Commits the filesystem's current transaction (`BTRFS_IOC_SYNC`), which brings qgroup
+    /// usage up to date. Costs a transaction commit (milliseconds, more under write load): call
+    /// it before reading usage that must be current, not on every hot path. The default does
+    /// nothing, for implementations whose numbers are always current.
+    fn btrfs_sync(&self, mount: &Path) -> Result<()> {
+        let _ = mount;
+        Ok(())
+    }
     /// Destroys qgroup 0/`subvolume_id`; a missing one is success. EBUSY while the kernel still
     /// cleans a deleted subvolume is returned as an error (retry later).
     fn btrfs_qgroup_destroy(&self, mount: &Path, subvolume_id: u64) -> Result<()>;
