@@ -1,14 +1,25 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! Berth's node-local storage engine and its built-in CSI driver.
+//!
+//! - [`engine`]: volumes (dir, fs, block, tmpfs) in pools, staged and published on this node;
+//!   idempotent, crash-safe, serialized per volume.
+//! - [`pool`]: btrfs pools with qgroups, made from an image file when the host cannot enforce
+//!   per-directory limits itself.
+//! - [`journal`]: the durable records (redb), committed before any client is answered.
+//! - [`reconcile`]: start-up repair that makes the kernel agree with the journal.
+//! - [`spec`]: pure decisions about what a request asks for.
+//! - [`csi`]: the engine served as a CSI driver.
+//!
+//! All kernel access goes through [`berth_host::HostOps`].
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+pub mod crash;
+pub mod csi;
+pub mod engine;
+pub mod id;
+pub mod journal;
+pub mod pool;
+mod reconcile;
+pub mod spec;
+pub mod teardown;
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub use csi::{BerthDriver, DRIVER_NAME, TOPOLOGY_KEY};
+pub use engine::{DEFAULT_POOL, Engine, EngineConfig, EngineError};

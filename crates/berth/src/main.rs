@@ -1,3 +1,214 @@
-fn main() {
-    println!("Hello, world!");
+//! `berth`: one binary, a subcommand per role.
+//!
+//! Parses the command line, sets up logging, wires the engine to its servers and handles
+//! signals. Decisions live in the library crates.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use berth_host::{HostOps, LinuxHost};
+use berth_storage::{BerthDriver, Engine, EngineConfig};
+
+mod bench;
+
+#[derive(Debug, Parser)]
+#[command(name = "berth", version, about = "Persistent storage for containers")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "BERTH_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Options shared by every role that owns a data dir.
+#[derive(Debug, clap::Args)]
+struct NodeOpts {
+    /// Where Berth keeps its journal and its default pool.
+    #[arg(long, default_value = "/var/lib/berth", env = "BERTH_DATA_DIR")]
+    data_dir: PathBuf,
+    /// This node's name (topology `topology.berth.dev/node`). Default: the host name.
+    #[arg(long, env = "BERTH_NODE_ID")]
+    node_id: Option<String>,
+    /// An extra pool, NAME=PATH; repeatable. PATH on btrfs is used as is, elsewhere Berth makes
+    /// a btrfs image in it.
+    #[arg(long = "pool", value_parser = parse_pool)]
+    pools: Vec<(String, PathBuf)>,
+    /// Size of a pool image Berth creates (bytes; K, M, G, T suffixes). Default: half the free
+    /// space, at most 100G.
+    #[arg(long, value_parser = parse_size)]
+    default_pool_size: Option<u64>,
+    /// Memory all tmpfs volumes may use together (default: the size of /dev/shm).
+    #[arg(long, value_parser = parse_size)]
+    tmpfs_budget: Option<u64>,
+    /// Volumes this node accepts (0: no limit), reported in NodeGetInfo.
+    #[arg(long, default_value_t = 0)]
+    max_volumes_per_node: i64,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the built-in storage engine as a CSI driver (controller and node).
+    Csi {
+        /// unix:///path/to/csi.sock
+        #[arg(long, default_value = "unix:///run/berth/csi.sock", env = "CSI_ENDPOINT")]
+        endpoint: String,
+        #[command(flatten)]
+        node: NodeOpts,
+    },
+    /// Unmount everything Berth mounted for a data dir and detach its loop devices (data stays).
+    Teardown {
+        #[arg(long, default_value = "/var/lib/berth")]
+        data_dir: PathBuf,
+    },
+    /// Measure CSI call latencies and the data path; prints figures.
+    Bench(bench::BenchArgs),
+}
+
+fn parse_pool(s: &str) -> Result<(String, PathBuf), String> {
+    let (name, path) = s.split_once('=').ok_or("expected NAME=PATH")?;
+    berth_storage::id::check_client_id(name).map_err(|e| format!("pool name {name:?} {e}"))?;
+    let path = PathBuf::from(path);
+    if !path.is_absolute() {
+        return Err(format!("pool path {} must be absolute", path.display()));
+    }
+    Ok((name.to_owned(), path))
+}
+
+/// Parses `4294967296`, `512M`, `4G`, `1Ti`.
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(digits);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
+    let shift = match unit.trim_end_matches(['i', 'B']) {
+        "" => 0,
+        "K" | "k" => 10,
+        "M" | "m" => 20,
+        "G" | "g" => 30,
+        "T" | "t" => 40,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use K, M, G or T)")),
+    };
+    n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+pub(crate) fn engine_config(node: NodeOpts) -> Result<EngineConfig> {
+    std::fs::create_dir_all(&node.data_dir)
+        .with_context(|| format!("creating data dir {}", node.data_dir.display()))?;
+    // Paths are compared with what the kernel reports (mountinfo, loop backing files), which
+    // are canonical.
+    let data_dir = std::fs::canonicalize(&node.data_dir)
+        .with_context(|| format!("resolving data dir {}", node.data_dir.display()))?;
+    let node_id = match node.node_id {
+        Some(n) => n,
+        None => rustix::system::uname().nodename().to_string_lossy().into_owned(),
+    };
+    if node_id.is_empty() || node_id.len() > 128 {
+        bail!("--node-id must be 1 to 128 bytes");
+    }
+    let mut pools = Vec::new();
+    for (name, path) in node.pools {
+        std::fs::create_dir_all(&path).with_context(|| format!("creating pool dir {}", path.display()))?;
+        pools.push((name, std::fs::canonicalize(&path)?));
+    }
+    Ok(EngineConfig {
+        data_dir,
+        node_id,
+        pools,
+        pool_image_size: node.default_pool_size,
+        tmpfs_budget: node.tmpfs_budget,
+        max_volumes_per_node: node.max_volumes_per_node,
+    })
+}
+
+pub(crate) fn open_engine(cfg: EngineConfig) -> Result<Arc<Engine>> {
+    let host: Arc<dyn HostOps> = Arc::new(LinuxHost::default());
+    Ok(Arc::new(
+        Engine::open(host, cfg).context("starting the storage engine")?,
+    ))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Csi { endpoint, node } => {
+            let cfg = engine_config(node)?;
+            let engine = open_engine(cfg)?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(async move {
+                let driver = Arc::new(BerthDriver::new(engine));
+                tracing::info!(%endpoint, "serving CSI");
+                berth_csi::serve_unix(&endpoint, driver, shutdown_signal())
+                    .await
+                    .context("serving CSI")
+            })
+        }
+        Command::Teardown { data_dir } => {
+            let data_dir = std::fs::canonicalize(&data_dir)
+                .with_context(|| format!("resolving data dir {}", data_dir.display()))?;
+            berth_storage::teardown::teardown(&LinuxHost::default(), &data_dir)?;
+            Ok(())
+        }
+        Command::Bench(args) => bench::run(args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("4294967296"), Ok(4 << 30));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("4Gi"), Ok(4 << 30));
+        assert!(parse_size("4X").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn pools_parse() {
+        assert_eq!(
+            parse_pool("fast=/mnt/fast"),
+            Ok(("fast".into(), PathBuf::from("/mnt/fast")))
+        );
+        assert!(parse_pool("fast").is_err());
+        assert!(parse_pool("../x=/mnt").is_err());
+        assert!(parse_pool("fast=rel").is_err());
+    }
 }

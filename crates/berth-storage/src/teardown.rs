@@ -1,0 +1,47 @@
+//! `berth teardown`: take everything Berth mounted for a data dir off the machine.
+//!
+//! Unmounts every mount of the data dir's pools, images and tmpfs volumes (including stage and
+//! publish binds outside the data dir) and detaches the loop devices backed by files under it.
+//! Data stays on disk; a later start mounts it all again. For uninstalling and for tests.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use berth_host::{HostError, HostOps, Unmounted};
+
+/// Unmounts and detaches everything that belongs to `data_dir`. Idempotent.
+pub fn teardown(host: &dyn HostOps, data_dir: &Path) -> Result<(), HostError> {
+    let loops: Vec<_> = host
+        .loop_devices()?
+        .into_iter()
+        .filter(|l| l.backing_file.starts_with(data_dir))
+        .collect();
+    let loop_sources: HashSet<String> = loops.iter().map(|l| l.device.to_string_lossy().into_owned()).collect();
+    let loop_roots: HashSet<String> = loops
+        .iter()
+        .filter_map(|l| l.device.file_name().map(|n| format!("/{}", n.to_string_lossy())))
+        .collect();
+    let mounts = host.mountinfo()?;
+    let devices: HashSet<(u32, u32)> = mounts
+        .iter()
+        .filter(|m| m.mount_point.starts_with(data_dir) || loop_sources.contains(&m.source))
+        .map(|m| (m.major, m.minor))
+        .collect();
+    let mut targets: Vec<PathBuf> = mounts
+        .iter()
+        .filter(|m| {
+            devices.contains(&(m.major, m.minor))
+                || (m.fs_type == "devtmpfs" && loop_roots.contains(&m.root.to_string_lossy().into_owned()))
+        })
+        .map(|m| m.mount_point.clone())
+        .collect();
+    targets.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    targets.dedup();
+    for t in targets {
+        while host.unmount(&t)? == Unmounted::Removed {}
+    }
+    for l in loops {
+        host.loop_detach(&l.device)?;
+    }
+    Ok(())
+}
