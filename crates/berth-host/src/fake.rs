@@ -3,8 +3,11 @@
 //!
 //! It models just enough of a Linux host to be faithful to the contract in `lib.rs`: a tree of
 //! directories, files (with sizes), symlinks and device nodes; btrfs subvolumes and qgroups;
-//! loop devices with their backing files; filesystems written by mkfs; and a stack of mounts,
-//! from which [`HostOps::mountinfo`] is synthesized. Idempotency rules match the real host
+//! loop devices with their backing files and capacities; filesystems written by mkfs (with
+//! their sizes, for online growth); a stack of mounts, from which [`HostOps::mountinfo`] is
+//! synthesized; snapshots (which copy the source's tree, read-only ones refuse writes with
+//! `EROFS`), file clones and tree copies, frozen filesystems, extended attributes and
+//! read-only block devices. Idempotency rules match the real host
 //! ("already there" and "already gone" are success; busy things are `EBUSY`). Every call is
 //! appended to [`RecordingHost::calls`] (failed ones too), so tests can assert exact sequences,
 //! and [`RecordingHost::fail_next`] injects an error into the next call of an operation.
@@ -15,8 +18,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::{
-    FileSystem, FsStats, HostError, HostOps, LoopDevice, LoopOptions, MountEntry, MountRequest, MountSource,
-    QgroupInfo, Result, TargetKind, Unmounted,
+    CloneMethod, FileSystem, FsStats, HostError, HostOps, LoopDevice, LoopOptions, MountEntry, MountRequest,
+    MountSource, QgroupInfo, Result, TargetKind, Unmounted,
 };
 
 /// One recorded [`HostOps`] call, with its arguments.
@@ -110,6 +113,58 @@ pub enum Call {
         target: PathBuf,
     },
     Mountinfo,
+    BtrfsSnapshot {
+        source: PathBuf,
+        dest_parent: PathBuf,
+        name: String,
+        read_only: bool,
+    },
+    CloneFile {
+        source: PathBuf,
+        dest: PathBuf,
+    },
+    CopyTree {
+        source: PathBuf,
+        dest: PathBuf,
+    },
+    Freeze {
+        mount: PathBuf,
+    },
+    Thaw {
+        mount: PathBuf,
+    },
+    GrowImage {
+        path: PathBuf,
+        size: u64,
+    },
+    LoopSetCapacity {
+        device: PathBuf,
+    },
+    GrowFilesystem {
+        fs: FileSystem,
+        device: PathBuf,
+        mount: PathBuf,
+    },
+    Reconfigure {
+        mount: PathBuf,
+        options: Vec<String>,
+    },
+    SetXattr {
+        path: PathBuf,
+        name: String,
+        value: Vec<u8>,
+    },
+    GetXattr {
+        path: PathBuf,
+        name: String,
+    },
+    SetBlockReadOnly {
+        device: PathBuf,
+        read_only: bool,
+    },
+    BlockDeviceSize {
+        device: PathBuf,
+    },
 }
 
 /// The operation names [`RecordingHost::fail_next`] accepts: the [`HostOps`] method names.
@@ -140,6 +195,19 @@ pub const OPS: &[&str] = &[
     "mount",
     "unmount",
     "mountinfo",
+    "btrfs_snapshot",
+    "clone_file",
+    "copy_tree",
+    "freeze",
+    "thaw",
+    "grow_image",
+    "loop_set_capacity",
+    "grow_filesystem",
+    "reconfigure",
+    "set_xattr",
+    "get_xattr",
+    "set_block_read_only",
+    "block_device_size",
 ];
 
 impl Call {
@@ -172,6 +240,19 @@ impl Call {
             Call::Mount { .. } => "mount",
             Call::Unmount { .. } => "unmount",
             Call::Mountinfo => "mountinfo",
+            Call::BtrfsSnapshot { .. } => "btrfs_snapshot",
+            Call::CloneFile { .. } => "clone_file",
+            Call::CopyTree { .. } => "copy_tree",
+            Call::Freeze { .. } => "freeze",
+            Call::Thaw { .. } => "thaw",
+            Call::GrowImage { .. } => "grow_image",
+            Call::LoopSetCapacity { .. } => "loop_set_capacity",
+            Call::GrowFilesystem { .. } => "grow_filesystem",
+            Call::Reconfigure { .. } => "reconfigure",
+            Call::SetXattr { .. } => "set_xattr",
+            Call::GetXattr { .. } => "get_xattr",
+            Call::SetBlockReadOnly { .. } => "set_block_read_only",
+            Call::BlockDeviceSize { .. } => "block_device_size",
         }
     }
 
@@ -204,6 +285,16 @@ impl Call {
                 device.clone()
             }
             Call::LoopDevices | Call::Mountinfo => PathBuf::new(),
+            Call::BtrfsSnapshot { dest_parent, name, .. } => dest_parent.join(name),
+            Call::CloneFile { dest, .. } | Call::CopyTree { dest, .. } => dest.clone(),
+            Call::Freeze { mount }
+            | Call::Thaw { mount }
+            | Call::GrowFilesystem { mount, .. }
+            | Call::Reconfigure { mount, .. } => mount.clone(),
+            Call::GrowImage { path, .. } | Call::SetXattr { path, .. } | Call::GetXattr { path, .. } => path.clone(),
+            Call::LoopSetCapacity { device }
+            | Call::SetBlockReadOnly { device, .. }
+            | Call::BlockDeviceSize { device } => device.clone(),
         }
     }
 }
@@ -243,6 +334,20 @@ struct State {
     next_mount_id: u32,
     statfs: BTreeMap<PathBuf, FsStats>,
     direct_io_supported: bool,
+    /// Read-only subvolumes (read-only snapshots), by path.
+    read_only_subvolumes: BTreeSet<PathBuf>,
+    /// Snapshot path → the subvolume it was taken of.
+    snapshot_sources: BTreeMap<PathBuf, PathBuf>,
+    /// Mount points whose filesystem is frozen.
+    frozen: BTreeSet<PathBuf>,
+    /// Size of each attached loop device, as of attach or the last `loop_set_capacity`.
+    loop_capacity: BTreeMap<u32, u64>,
+    /// Loop devices marked read-only with `set_block_read_only`.
+    block_read_only: BTreeSet<u32>,
+    /// Size of each filesystem made by mkfs, by the file that holds it.
+    fs_sizes: BTreeMap<PathBuf, u64>,
+    xattrs: BTreeMap<PathBuf, BTreeMap<String, Vec<u8>>>,
+    reflink_supported: bool,
 }
 
 impl Default for State {
@@ -260,6 +365,14 @@ impl Default for State {
             next_mount_id: 1000,
             statfs: BTreeMap::new(),
             direct_io_supported: true,
+            read_only_subvolumes: BTreeSet::new(),
+            snapshot_sources: BTreeMap::new(),
+            frozen: BTreeSet::new(),
+            loop_capacity: BTreeMap::new(),
+            block_read_only: BTreeSet::new(),
+            fs_sizes: BTreeMap::new(),
+            xattrs: BTreeMap::new(),
+            reflink_supported: true,
         }
     }
 }
@@ -341,7 +454,7 @@ impl RecordingHost {
 
     /// The calls made so far, without read-only ones (`exists`, `list_dir`, `file_size`,
     /// `statfs`, `btrfs_subvolume_id`, `btrfs_qgroups`, `loop_devices`, `probe_filesystem`,
-    /// `mountinfo`): what changed the host.
+    /// `mountinfo`, `get_xattr`, `block_device_size`): what changed the host.
     pub fn mutating_calls(&self) -> Vec<Call> {
         const READS: &[&str] = &[
             "exists",
@@ -353,6 +466,8 @@ impl RecordingHost {
             "loop_devices",
             "probe_filesystem",
             "mountinfo",
+            "get_xattr",
+            "block_device_size",
         ];
         self.calls().into_iter().filter(|c| !READS.contains(&c.op())).collect()
     }
@@ -384,7 +499,8 @@ impl RecordingHost {
 
     /// Attached loop devices by number.
     pub fn attached_loops(&self) -> Vec<LoopDevice> {
-        self.lock().loops.values().cloned().collect()
+        let st = self.lock();
+        st.loops.values().map(|l| st.reported_loop(l)).collect()
     }
 
     /// Subvolumes by path, with their ids.
@@ -429,6 +545,32 @@ impl RecordingHost {
     /// The filesystem mkfs wrote into `file` (an image file or a non-loop device).
     pub fn filesystem_of(&self, file: &Path) -> Option<String> {
         self.lock().filesystems.get(file).cloned()
+    }
+
+    /// Size of the filesystem in `file`: its device's size at mkfs, or at the last
+    /// `grow_filesystem`.
+    pub fn filesystem_size(&self, file: &Path) -> Option<u64> {
+        self.lock().fs_sizes.get(file).copied()
+    }
+
+    /// The subvolume a snapshot at `path` was taken of (`None` for anything else).
+    pub fn snapshot_source(&self, path: &Path) -> Option<PathBuf> {
+        self.lock().snapshot_sources.get(path).cloned()
+    }
+
+    /// Whether `path` is a read-only subvolume (a read-only snapshot).
+    pub fn is_read_only_subvolume(&self, path: &Path) -> bool {
+        self.lock().read_only_subvolumes.contains(path)
+    }
+
+    /// Mount points whose filesystem is frozen.
+    pub fn frozen(&self) -> BTreeSet<PathBuf> {
+        self.lock().frozen.clone()
+    }
+
+    /// Extended attributes set on `path`.
+    pub fn xattrs(&self, path: &Path) -> BTreeMap<String, Vec<u8>> {
+        self.lock().xattrs.get(path).cloned().unwrap_or_default()
     }
 
     // ---- setup (not recorded) ----
@@ -477,6 +619,13 @@ impl RecordingHost {
     pub fn set_direct_io_supported(&self, supported: bool) {
         self.lock().direct_io_supported = supported;
     }
+
+    /// Whether `clone_file` may share extents at all (default yes). When it may, it does so
+    /// between files on the same btrfs or xfs filesystem: the same btrfs/xfs device mount, or
+    /// the same path given a btrfs/xfs [`FsStats::fs_type`] with [`RecordingHost::set_statfs`].
+    pub fn set_reflink_supported(&self, supported: bool) {
+        self.lock().reflink_supported = supported;
+    }
 }
 
 impl State {
@@ -503,6 +652,262 @@ impl State {
 
     fn remove_tree(&mut self, path: &Path) {
         self.nodes.retain(|p, _| !p.starts_with(path));
+        self.forget(path);
+    }
+
+    /// Drops what the model knows about `path` and everything beneath it, once removed.
+    fn forget(&mut self, path: &Path) {
+        self.xattrs.retain(|p, _| !p.starts_with(path));
+        self.read_only_subvolumes.retain(|p| !p.starts_with(path));
+        self.snapshot_sources.retain(|p, _| !p.starts_with(path));
+    }
+
+    /// `EROFS` when `path` lies in (or is) a read-only subvolume.
+    fn check_writable(&self, op: &'static str, path: &Path) -> Result<()> {
+        if self.read_only_subvolumes.iter().any(|r| path.starts_with(r)) {
+            return Err(errno(op, path, libc::EROFS));
+        }
+        Ok(())
+    }
+
+    /// A loop device as `loop_devices` reports it (the read-only flag includes BLKROSET).
+    fn reported_loop(&self, l: &LoopDevice) -> LoopDevice {
+        LoopDevice {
+            read_only: l.read_only || self.block_read_only.contains(&l.number),
+            ..l.clone()
+        }
+    }
+
+    /// Size of the device (or plain file) at `device`: a loop device's capacity.
+    fn device_size(&self, device: &Path) -> Option<u64> {
+        match self.nodes.get(device) {
+            Some(Node::BlockDevice { loop_number }) => self.loop_capacity.get(loop_number).copied(),
+            Some(Node::File { size }) => Some(*size),
+            _ => None,
+        }
+    }
+
+    /// The filesystem `path` is on as far as the model knows (the deepest device or tmpfs
+    /// mount, or `set_statfs` path, containing it) and whether it can share extents.
+    fn filesystem_at(&self, path: &Path) -> Option<(PathBuf, bool)> {
+        let reflink_magic = |t: u64| t == crate::magic::BTRFS || t == crate::magic::XFS;
+        let mounts = self.mounts.iter().filter_map(|m| {
+            let reflink = match &m.request.source {
+                MountSource::Device { fs, .. } => matches!(fs, FileSystem::Btrfs | FileSystem::Xfs),
+                MountSource::Tmpfs => false,
+                // A bind mount shows a filesystem that is there already.
+                MountSource::Bind { .. } => return None,
+            };
+            path.starts_with(&m.request.target)
+                .then(|| (m.request.target.clone(), reflink))
+        });
+        let stats = self
+            .statfs
+            .iter()
+            .filter(|(p, _)| path.starts_with(p))
+            .map(|(p, s)| (p.clone(), reflink_magic(s.fs_type)));
+        mounts
+            .chain(stats)
+            .max_by_key(|(p, reflink)| (p.components().count(), *reflink))
+    }
+
+    fn can_reflink(&self, source: &Path, dest: &Path) -> bool {
+        if !self.reflink_supported {
+            return false;
+        }
+        match (self.filesystem_at(source), self.filesystem_at(dest)) {
+            (Some((a, true)), Some((b, true))) => a == b,
+            _ => false,
+        }
+    }
+
+    /// Copies the nodes beneath `source` to beneath `dest` (which must exist). Nested
+    /// subvolumes become empty directories when `snapshot`, plain directories otherwise;
+    /// device nodes are skipped; with `snapshot`, extended attributes go along.
+    fn copy_nodes(&mut self, source: &Path, dest: &Path, snapshot: bool) -> Vec<PathBuf> {
+        let under: Vec<(PathBuf, Node)> = self
+            .nodes
+            .range(source.to_owned()..)
+            .take_while(|(p, _)| p.starts_with(source))
+            .filter(|(p, _)| p.as_path() != source && !p.starts_with(dest))
+            .map(|(p, n)| (p.clone(), n.clone()))
+            .collect();
+        let nested: Vec<PathBuf> = under
+            .iter()
+            .filter(|(_, n)| matches!(n, Node::Dir { subvolume: Some(_) }))
+            .map(|(p, _)| p.clone())
+            .collect();
+        let mut skipped = Vec::new();
+        for (path, node) in under {
+            let Ok(rel) = path.strip_prefix(source) else { continue };
+            let to = dest.join(rel);
+            if snapshot && nested.iter().any(|n| path.starts_with(n) && path != *n) {
+                continue;
+            }
+            let node = match node {
+                Node::Dir { .. } => Node::Dir { subvolume: None },
+                Node::BlockDevice { .. } => {
+                    skipped.push(path);
+                    continue;
+                }
+                other => other,
+            };
+            if let Some(fs) = self.filesystems.get(&path).cloned() {
+                self.filesystems.insert(to.clone(), fs);
+            }
+            if let Some(size) = self.fs_sizes.get(&path).copied() {
+                self.fs_sizes.insert(to.clone(), size);
+            }
+            if snapshot && let Some(x) = self.xattrs.get(&path).cloned() {
+                self.xattrs.insert(to.clone(), x);
+            }
+            self.nodes.insert(to, node);
+        }
+        skipped
+    }
+
+    /// The snapshot model: `dest` gets a copy of the source's tree.
+    fn snapshot(&mut self, source: &Path, dest_parent: &Path, name: &str, read_only: bool) -> Result<u64> {
+        const OP: &str = "btrfs snapshot";
+        let dest = dest_parent.join(name);
+        if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.len() > 255 {
+            return Err(wrong_type(&dest, "is not a valid subvolume name"));
+        }
+        match self.nodes.get(&dest) {
+            Some(Node::Dir { subvolume: Some(id) }) => return Ok(*id),
+            Some(_) => return Err(wrong_type(&dest, "exists but is not a btrfs subvolume")),
+            None => {}
+        }
+        if !is_root(dest_parent) && !matches!(self.nodes.get(dest_parent), Some(Node::Dir { .. })) {
+            return Err(errno(OP, dest_parent, libc::ENOENT));
+        }
+        let top_level = self.mounts.iter().any(|m| {
+            m.request.target == source
+                && matches!(
+                    m.request.source,
+                    MountSource::Device {
+                        fs: FileSystem::Btrfs,
+                        ..
+                    }
+                )
+        });
+        let source_id = match self.nodes.get(source) {
+            _ if top_level => 5,
+            Some(Node::Dir { subvolume: Some(id) }) => *id,
+            Some(_) => return Err(wrong_type(source, "is not the root of a btrfs subvolume")),
+            None => return Err(errno(OP, source, libc::ENOENT)),
+        };
+        self.check_writable(OP, &dest)?;
+        let id = self.next_subvolume_id;
+        self.next_subvolume_id += 1;
+        self.nodes.insert(dest.clone(), Node::Dir { subvolume: Some(id) });
+        if let Some(x) = self.xattrs.get(source).cloned() {
+            self.xattrs.insert(dest.clone(), x);
+        }
+        self.copy_nodes(source, &dest, true);
+        if let Some(mount) = self.quota_mount_of(&dest) {
+            let mut q = new_qgroup(mount, id);
+            // Like the kernel: everything is shared with the source at first, and the source's
+            // limit is copied.
+            if let Some(src) = self.qgroups.get(&source_id) {
+                q.info.referenced_bytes = src.info.referenced_bytes;
+                q.info.max_referenced = src.info.max_referenced;
+            }
+            self.qgroups.insert(id, q);
+        }
+        if read_only {
+            self.read_only_subvolumes.insert(dest.clone());
+        }
+        self.snapshot_sources.insert(dest, source.to_owned());
+        Ok(id)
+    }
+
+    /// Checks that `path` is an existing directory for `copy_tree`.
+    fn expect_dir(&self, op: &'static str, path: &Path) -> Result<()> {
+        match self.nodes.get(path) {
+            Some(Node::Dir { .. }) => Ok(()),
+            None if is_root(path) => Ok(()),
+            Some(Node::Symlink) => Err(HostError::Symlink { path: path.to_owned() }),
+            Some(_) => Err(wrong_type(path, "is not a directory")),
+            None => Err(errno(op, path, libc::ENOENT)),
+        }
+    }
+
+    /// The mount point `mount` as freeze and thaw want it: the root of a mount.
+    fn expect_mount_root(&self, op: &'static str, mount: &Path) -> Result<()> {
+        if !is_root(mount) && !self.nodes.contains_key(mount) {
+            return Err(errno(op, mount, libc::ENOENT));
+        }
+        if !self.is_mount_target(mount) {
+            return Err(wrong_type(mount, &format!("{op}: is not the root of a mount")));
+        }
+        Ok(())
+    }
+
+    fn grow_filesystem(&mut self, fs: FileSystem, device: &Path, mount: &Path) -> Result<()> {
+        const OP: &str = "grow filesystem";
+        if !self.nodes.contains_key(device) {
+            return Err(errno(OP, device, libc::ENOENT));
+        }
+        let mounted = self.mounts.iter().any(|m| {
+            m.request.target == mount
+                && matches!(&m.request.source, MountSource::Device { device: d, fs: f } if d == device && *f == fs)
+        });
+        if !mounted {
+            return Err(wrong_type(
+                mount,
+                &format!("has no {} filesystem of {} mounted", fs.as_str(), device.display()),
+            ));
+        }
+        let file = self.data_file(device);
+        let device_size = self.device_size(device).unwrap_or(0);
+        let old = self.fs_sizes.get(&file).copied().unwrap_or(device_size);
+        if device_size <= old {
+            return Ok(());
+        }
+        self.fs_sizes.insert(file, device_size);
+        if let Some(stats) = self.statfs.get_mut(mount) {
+            let grown = device_size - old;
+            stats.total_bytes += grown;
+            stats.available_bytes += grown;
+        }
+        Ok(())
+    }
+
+    /// Merges `options` into the topmost mount at `mount`, as a reconfigure leaves them.
+    fn reconfigure(&mut self, mount: &Path, options: &[String]) -> Result<()> {
+        let Some(m) = self.mounts.iter_mut().rev().find(|m| m.request.target == mount) else {
+            // fspick on anything but the root of a mount.
+            return Err(errno("reconfigure: fspick", mount, libc::EINVAL));
+        };
+        let mut have: Vec<String> = m
+            .request
+            .options
+            .iter()
+            .flat_map(|o| o.split(','))
+            .filter(|o| !o.is_empty())
+            .map(str::to_owned)
+            .collect();
+        for option in options.iter().flat_map(|o| o.split(',')).map(str::trim) {
+            match option {
+                "" => {}
+                "ro" => m.request.read_only = true,
+                "rw" => {
+                    m.request.read_only = false;
+                    have.retain(|o| o != "ro");
+                }
+                _ => match option.split_once('=') {
+                    Some((key, _)) => {
+                        have.retain(|o| o.split_once('=').is_none_or(|(k, _)| k != key));
+                        have.push(option.to_owned());
+                    }
+                    None if !have.iter().any(|o| o == option) => have.push(option.to_owned()),
+                    None => {}
+                },
+            }
+        }
+        m.request.options = have;
+        Ok(())
     }
 
     fn loop_number(&self, device: &Path) -> Option<u32> {
@@ -529,6 +934,8 @@ impl State {
         if let Some(dev) = self.loops.remove(&number) {
             self.nodes.remove(&dev.device);
         }
+        self.loop_capacity.remove(&number);
+        self.block_read_only.remove(&number);
     }
 
     /// The topmost mount whose target contains `path`, excluding mount `except`.
@@ -545,6 +952,7 @@ impl State {
         for p in ancestors {
             match self.nodes.get(p) {
                 None => {
+                    self.check_writable("create directory", p)?;
                     self.nodes.insert(p.to_owned(), Node::Dir { subvolume: None });
                 }
                 Some(Node::Dir { .. }) => {}
@@ -597,7 +1005,9 @@ impl State {
         if self.has_children(path) {
             return Err(errno(op, path, libc::ENOTEMPTY));
         }
+        self.check_writable(op, path)?;
         self.nodes.remove(path);
+        self.forget(path);
         Ok(())
     }
 
@@ -617,6 +1027,7 @@ impl State {
             None if !self.parent_is_dir(path) => return Err(errno(OP, path, libc::ENOENT)),
             None => {}
         }
+        self.check_writable(OP, path)?;
         self.nodes.insert(path.to_owned(), Node::File { size });
         Ok(())
     }
@@ -643,6 +1054,7 @@ impl State {
         if !is_root(parent) && !matches!(self.nodes.get(parent), Some(Node::Dir { .. })) {
             return Err(errno(OP, parent, libc::ENOENT));
         }
+        self.check_writable(OP, &path)?;
         let id = self.next_subvolume_id;
         self.next_subvolume_id += 1;
         self.nodes.insert(path.clone(), Node::Dir { subvolume: Some(id) });
@@ -712,6 +1124,10 @@ impl State {
             return Err(errno("unmount", target, libc::EBUSY));
         }
         let removed = self.mounts.remove(index);
+        if !self.is_mount_target(target) {
+            // The superblock went with its last mount there.
+            self.frozen.remove(target);
+        }
         if let MountSource::Device { device, .. } = &removed.request.source {
             // An autoclear loop device goes away with the last mount of it.
             if let Some(n) = self.loop_number(device)
@@ -1058,13 +1474,13 @@ impl HostOps for RecordingHost {
             backing: backing.to_owned(),
             options,
         })?;
-        match st.nodes.get(backing) {
-            Some(Node::File { .. }) => {}
+        let size = match st.nodes.get(backing) {
+            Some(Node::File { size }) => *size,
             Some(_) => {
                 return Err(wrong_type(backing, "a loop device needs a regular file behind it"));
             }
             None => return Err(errno("loop attach", backing, libc::ENOENT)),
-        }
+        };
         let number = (0..).find(|n| !st.loops.contains_key(n)).unwrap_or(u32::MAX);
         let device = LoopDevice {
             device: PathBuf::from(format!("/dev/loop{number}")),
@@ -1078,6 +1494,7 @@ impl HostOps for RecordingHost {
         st.nodes
             .insert(device.device.clone(), Node::BlockDevice { loop_number: number });
         st.loops.insert(number, device.clone());
+        st.loop_capacity.insert(number, size);
         Ok(device)
     }
 
@@ -1105,7 +1522,7 @@ impl HostOps for RecordingHost {
 
     fn loop_devices(&self) -> Result<Vec<LoopDevice>> {
         let st = self.begin(Call::LoopDevices)?;
-        Ok(st.loops.values().cloned().collect())
+        Ok(st.loops.values().map(|l| st.reported_loop(l)).collect())
     }
 
     fn probe_filesystem(&self, device: &Path) -> Result<Option<String>> {
@@ -1136,6 +1553,8 @@ impl HostOps for RecordingHost {
                 stderr: format!("{} bytes is below the minimum of {}", size, fs.min_size()),
             });
         }
+        let size = st.device_size(device).unwrap_or(0);
+        st.fs_sizes.insert(file.clone(), size);
         st.filesystems.insert(file, fs.as_str().to_owned());
         Ok(())
     }
@@ -1174,6 +1593,210 @@ impl HostOps for RecordingHost {
         Ok(std::iter::once(root)
             .chain(st.mounts.iter().map(|m| st.mount_entry(m)))
             .collect())
+    }
+
+    fn btrfs_snapshot(&self, source: &Path, dest_parent: &Path, name: &str, read_only: bool) -> Result<u64> {
+        let mut st = self.begin(Call::BtrfsSnapshot {
+            source: source.to_owned(),
+            dest_parent: dest_parent.to_owned(),
+            name: name.to_owned(),
+            read_only,
+        })?;
+        st.snapshot(source, dest_parent, name, read_only)
+    }
+
+    fn clone_file(&self, source: &Path, dest: &Path) -> Result<CloneMethod> {
+        const OP: &str = "clone file";
+        let mut st = self.begin(Call::CloneFile {
+            source: source.to_owned(),
+            dest: dest.to_owned(),
+        })?;
+        let size = match st.nodes.get(source) {
+            Some(Node::File { size }) => *size,
+            Some(Node::Symlink) => {
+                return Err(HostError::Symlink {
+                    path: source.to_owned(),
+                });
+            }
+            Some(_) => return Err(wrong_type(source, "is not a regular file")),
+            None => return Err(errno(OP, source, libc::ENOENT)),
+        };
+        if st.nodes.contains_key(dest) || is_root(dest) {
+            return Err(errno(OP, dest, libc::EEXIST));
+        }
+        if !st.parent_is_dir(dest) {
+            return Err(errno(OP, dest, libc::ENOENT));
+        }
+        st.check_writable(OP, dest)?;
+        st.nodes.insert(dest.to_owned(), Node::File { size });
+        // The filesystem inside an image goes along with its bytes.
+        match st.filesystems.get(source).cloned() {
+            Some(fs) => st.filesystems.insert(dest.to_owned(), fs),
+            None => st.filesystems.remove(dest),
+        };
+        match st.fs_sizes.get(source).copied() {
+            Some(n) => st.fs_sizes.insert(dest.to_owned(), n),
+            None => st.fs_sizes.remove(dest),
+        };
+        Ok(if st.can_reflink(source, dest) {
+            CloneMethod::Reflink
+        } else {
+            CloneMethod::Copy
+        })
+    }
+
+    fn copy_tree(&self, source: &Path, dest: &Path) -> Result<()> {
+        const OP: &str = "copy tree";
+        let mut st = self.begin(Call::CopyTree {
+            source: source.to_owned(),
+            dest: dest.to_owned(),
+        })?;
+        st.expect_dir(OP, source)?;
+        st.expect_dir(OP, dest)?;
+        if st.has_children(dest) {
+            return Err(errno(OP, dest, libc::ENOTEMPTY));
+        }
+        st.check_writable(OP, dest)?;
+        st.copy_nodes(source, dest, false);
+        Ok(())
+    }
+
+    fn freeze(&self, mount: &Path) -> Result<()> {
+        let mut st = self.begin(Call::Freeze {
+            mount: mount.to_owned(),
+        })?;
+        st.expect_mount_root("freeze", mount)?;
+        st.frozen.insert(mount.to_owned());
+        Ok(())
+    }
+
+    fn thaw(&self, mount: &Path) -> Result<()> {
+        let mut st = self.begin(Call::Thaw {
+            mount: mount.to_owned(),
+        })?;
+        st.expect_mount_root("thaw", mount)?;
+        st.frozen.remove(mount);
+        Ok(())
+    }
+
+    fn grow_image(&self, path: &Path, size: u64) -> Result<()> {
+        const OP: &str = "grow image";
+        let mut st = self.begin(Call::GrowImage {
+            path: path.to_owned(),
+            size,
+        })?;
+        match st.nodes.get(path) {
+            Some(Node::File { size: have }) if *have >= size => Ok(()),
+            Some(Node::File { .. }) => {
+                st.check_writable(OP, path)?;
+                st.nodes.insert(path.to_owned(), Node::File { size });
+                Ok(())
+            }
+            Some(Node::Symlink) => Err(HostError::Symlink { path: path.to_owned() }),
+            Some(_) => Err(wrong_type(path, "is not a regular file")),
+            None => Err(errno(OP, path, libc::ENOENT)),
+        }
+    }
+
+    fn loop_set_capacity(&self, device: &Path) -> Result<()> {
+        const OP: &str = "loop set capacity";
+        let mut st = self.begin(Call::LoopSetCapacity {
+            device: device.to_owned(),
+        })?;
+        match st.nodes.get(device) {
+            Some(Node::BlockDevice { loop_number }) => {
+                let n = *loop_number;
+                let backing = st.data_file(device);
+                if let Some(Node::File { size }) = st.nodes.get(&backing) {
+                    let size = *size;
+                    st.loop_capacity.insert(n, size);
+                }
+                Ok(())
+            }
+            Some(_) => Err(wrong_type(device, "is not a block device")),
+            None => Err(errno(OP, device, libc::ENOENT)),
+        }
+    }
+
+    fn grow_filesystem(&self, fs: FileSystem, device: &Path, mount: &Path) -> Result<()> {
+        let mut st = self.begin(Call::GrowFilesystem {
+            fs,
+            device: device.to_owned(),
+            mount: mount.to_owned(),
+        })?;
+        st.grow_filesystem(fs, device, mount)
+    }
+
+    fn reconfigure(&self, mount: &Path, options: &[String]) -> Result<()> {
+        let mut st = self.begin(Call::Reconfigure {
+            mount: mount.to_owned(),
+            options: options.to_vec(),
+        })?;
+        st.reconfigure(mount, options)
+    }
+
+    fn set_xattr(&self, path: &Path, name: &str, value: &[u8]) -> Result<()> {
+        const OP: &str = "set xattr";
+        let mut st = self.begin(Call::SetXattr {
+            path: path.to_owned(),
+            name: name.to_owned(),
+            value: value.to_vec(),
+        })?;
+        if !is_root(path) && !st.nodes.contains_key(path) {
+            return Err(errno(OP, path, libc::ENOENT));
+        }
+        if name.is_empty() || !name.contains('.') {
+            // Names need a namespace prefix (`user.`, `trusted.`, `btrfs.`, ...).
+            return Err(errno(OP, path, libc::EOPNOTSUPP));
+        }
+        st.check_writable(OP, path)?;
+        st.xattrs
+            .entry(path.to_owned())
+            .or_default()
+            .insert(name.to_owned(), value.to_vec());
+        Ok(())
+    }
+
+    fn get_xattr(&self, path: &Path, name: &str) -> Result<Option<Vec<u8>>> {
+        let st = self.begin(Call::GetXattr {
+            path: path.to_owned(),
+            name: name.to_owned(),
+        })?;
+        if !is_root(path) && !st.nodes.contains_key(path) {
+            return Err(errno("get xattr", path, libc::ENOENT));
+        }
+        Ok(st.xattrs.get(path).and_then(|x| x.get(name)).cloned())
+    }
+
+    fn set_block_read_only(&self, device: &Path, read_only: bool) -> Result<()> {
+        let mut st = self.begin(Call::SetBlockReadOnly {
+            device: device.to_owned(),
+            read_only,
+        })?;
+        match st.nodes.get(device) {
+            Some(Node::BlockDevice { loop_number }) => {
+                let n = *loop_number;
+                if read_only {
+                    st.block_read_only.insert(n);
+                } else {
+                    st.block_read_only.remove(&n);
+                }
+                Ok(())
+            }
+            Some(_) => Err(wrong_type(device, "is not a block device")),
+            None => Err(errno("set block device read-only", device, libc::ENOENT)),
+        }
+    }
+
+    fn block_device_size(&self, device: &Path) -> Result<u64> {
+        let st = self.begin(Call::BlockDeviceSize {
+            device: device.to_owned(),
+        })?;
+        match st.nodes.get(device) {
+            Some(Node::BlockDevice { .. }) => Ok(st.device_size(device).unwrap_or(0)),
+            Some(_) => Err(wrong_type(device, "is not a block device")),
+            None => Err(errno("block device size", device, libc::ENOENT)),
+        }
     }
 }
 
@@ -1561,5 +2184,345 @@ mod tests {
         assert_eq!(host.statfs(&p("/pool/v1")).unwrap(), custom);
         assert_eq!(host.statfs(&p("/")).unwrap(), DEFAULT_STATFS);
         assert_eq!(io_errno(host.statfs(&p("/nope"))), Some(libc::ENOENT));
+    }
+
+    // ---- snapshots, clones, expansion ----
+
+    /// A quota-enabled btrfs pool at /pool (by statfs) with subvolume v1 holding a file, a
+    /// formatted image and a nested subvolume.
+    fn pool_with_v1(host: &RecordingHost) -> u64 {
+        host.add_dir("/pool");
+        host.set_statfs(
+            "/pool",
+            FsStats {
+                fs_type: crate::magic::BTRFS,
+                ..DEFAULT_STATFS
+            },
+        );
+        host.btrfs_quota_enable(&p("/pool")).unwrap();
+        let id = host.btrfs_subvolume_create(&p("/pool"), "v1").unwrap();
+        host.btrfs_qgroup_limit(&p("/pool"), id, Some(10 * MIB)).unwrap();
+        host.add_file("/pool/v1/dir/file", 5);
+        host.add_file("/pool/v1/disk.img", 64 * MIB);
+        host.mkfs(&p("/pool/v1/disk.img"), FileSystem::Ext4).unwrap();
+        host.btrfs_subvolume_create(&p("/pool/v1"), "nested").unwrap();
+        host.add_file("/pool/v1/nested/inner", 1);
+        id
+    }
+
+    #[test]
+    fn snapshots_copy_the_tree_and_read_only_ones_refuse_writes() {
+        let host = RecordingHost::new();
+        let v1 = pool_with_v1(&host);
+        host.set_xattr(&p("/pool/v1"), "btrfs.compression", b"zstd").unwrap();
+        host.clear_calls();
+        let snap = host.btrfs_snapshot(&p("/pool/v1"), &p("/pool"), "snap", true).unwrap();
+        assert_eq!(
+            host.btrfs_snapshot(&p("/pool/v1"), &p("/pool"), "snap", true).unwrap(),
+            snap
+        );
+        assert_ne!(snap, v1);
+        assert_eq!(
+            host.calls()[0],
+            Call::BtrfsSnapshot {
+                source: p("/pool/v1"),
+                dest_parent: p("/pool"),
+                name: "snap".into(),
+                read_only: true
+            }
+        );
+        assert_eq!(host.btrfs_subvolume_id(&p("/pool/snap")).unwrap(), snap);
+        assert_eq!(host.snapshot_source(&p("/pool/snap")), Some(p("/pool/v1")));
+        assert!(host.is_read_only_subvolume(&p("/pool/snap")));
+        assert_eq!(host.files().get(&p("/pool/snap/dir/file")), Some(&5));
+        assert_eq!(host.filesystem_of(&p("/pool/snap/disk.img")).as_deref(), Some("ext4"));
+        // Nested subvolumes are not part of a snapshot: an empty directory stands in.
+        assert!(host.dirs().contains(&p("/pool/snap/nested")));
+        assert!(!host.files().contains_key(&p("/pool/snap/nested/inner")));
+        assert!(!host.subvolumes().contains_key(&p("/pool/snap/nested")));
+        assert_eq!(
+            host.get_xattr(&p("/pool/snap"), "btrfs.compression")
+                .unwrap()
+                .as_deref(),
+            Some(&b"zstd"[..])
+        );
+        // The kernel gives the snapshot its own qgroup with the source's limit.
+        let q = host.qgroups().into_iter().find(|q| q.subvolume_id == snap).unwrap();
+        assert_eq!(q.max_referenced, Some(10 * MIB));
+
+        for r in [
+            host.create_image(&p("/pool/snap/new.img"), MIB, false).map(|_| ()),
+            host.create_dir_all(&p("/pool/snap/newdir"), 0o700),
+            host.remove_file(&p("/pool/snap/dir/file")),
+            host.grow_image(&p("/pool/snap/disk.img"), 128 * MIB),
+            host.clone_file(&p("/pool/v1/dir/file"), &p("/pool/snap/f2"))
+                .map(|_| ()),
+            host.set_xattr(&p("/pool/snap"), "user.x", b"1"),
+        ] {
+            assert_eq!(io_errno(r), Some(libc::EROFS));
+        }
+        // A writable snapshot (a clone) takes writes; the source is unchanged.
+        let clone = host
+            .btrfs_snapshot(&p("/pool/snap"), &p("/pool"), "clone", false)
+            .unwrap();
+        assert!(clone > snap && !host.is_read_only_subvolume(&p("/pool/clone")));
+        host.create_image(&p("/pool/clone/new.img"), MIB, false).unwrap();
+        host.remove_file(&p("/pool/clone/dir/file")).unwrap();
+        assert!(host.files().contains_key(&p("/pool/v1/dir/file")));
+        assert!(!host.files().contains_key(&p("/pool/v1/new.img")));
+
+        // Deleting a read-only snapshot works and forgets it.
+        host.btrfs_subvolume_delete(&p("/pool"), "snap").unwrap();
+        assert!(!host.is_read_only_subvolume(&p("/pool/snap")));
+        assert_eq!(host.snapshot_source(&p("/pool/snap")), None);
+
+        assert!(matches!(
+            host.btrfs_snapshot(&p("/pool/v1/dir"), &p("/pool"), "x", true),
+            Err(HostError::WrongType { .. })
+        ));
+        host.add_dir("/pool/plain");
+        assert!(matches!(
+            host.btrfs_snapshot(&p("/pool/v1"), &p("/pool"), "plain", true),
+            Err(HostError::WrongType { .. })
+        ));
+        assert_eq!(
+            io_errno(host.btrfs_snapshot(&p("/pool/gone"), &p("/pool"), "y", true)),
+            Some(libc::ENOENT)
+        );
+        host.fail_next("btrfs_snapshot", libc::ENOSPC);
+        assert_eq!(
+            io_errno(host.btrfs_snapshot(&p("/pool/v1"), &p("/pool"), "z", false)),
+            Some(libc::ENOSPC)
+        );
+        assert!(!host.dirs().contains(&p("/pool/z")));
+    }
+
+    #[test]
+    fn clone_file_reflinks_within_one_btrfs_and_copies_across() {
+        let host = RecordingHost::new();
+        pool_with_v1(&host);
+        host.add_dir("/other");
+        let src = p("/pool/v1/disk.img");
+        assert_eq!(
+            host.clone_file(&src, &p("/pool/copy.img")).unwrap(),
+            CloneMethod::Reflink
+        );
+        assert_eq!(host.files().get(&p("/pool/copy.img")), Some(&(64 * MIB)));
+        assert_eq!(host.filesystem_of(&p("/pool/copy.img")).as_deref(), Some("ext4"));
+        assert_eq!(host.clone_file(&src, &p("/other/copy.img")).unwrap(), CloneMethod::Copy);
+        assert_eq!(
+            io_errno(host.clone_file(&src, &p("/pool/copy.img"))),
+            Some(libc::EEXIST)
+        );
+        assert_eq!(
+            io_errno(host.clone_file(&p("/pool/none"), &p("/pool/x"))),
+            Some(libc::ENOENT)
+        );
+        assert_eq!(io_errno(host.clone_file(&src, &p("/nodir/x"))), Some(libc::ENOENT));
+        assert!(matches!(
+            host.clone_file(&p("/pool/v1"), &p("/pool/y")),
+            Err(HostError::WrongType { .. })
+        ));
+        // A tmpfs mounted inside the pool is another filesystem.
+        host.add_dir("/pool/tmp");
+        host.mount(&MountRequest {
+            source: MountSource::Tmpfs,
+            target: p("/pool/tmp"),
+            read_only: false,
+            options: vec![],
+        })
+        .unwrap();
+        assert_eq!(host.clone_file(&src, &p("/pool/tmp/c")).unwrap(), CloneMethod::Copy);
+        host.set_reflink_supported(false);
+        assert_eq!(host.clone_file(&src, &p("/pool/c2")).unwrap(), CloneMethod::Copy);
+        host.fail_next("clone_file", libc::ENOSPC);
+        assert_eq!(io_errno(host.clone_file(&src, &p("/pool/c3"))), Some(libc::ENOSPC));
+        assert!(!host.files().contains_key(&p("/pool/c3")));
+        assert!(matches!(
+            host.calls().last(),
+            Some(Call::CloneFile { dest, .. }) if *dest == p("/pool/c3")
+        ));
+    }
+
+    #[test]
+    fn copy_tree_copies_into_an_empty_directory() {
+        let host = RecordingHost::new();
+        host.add_file("/src/a/b/f", 3);
+        host.add_symlink("/src/a/link");
+        host.add_dir("/src/empty");
+        host.add_dir("/dest");
+        host.copy_tree(&p("/src"), &p("/dest")).unwrap();
+        assert_eq!(host.files().get(&p("/dest/a/b/f")), Some(&3));
+        assert!(host.dirs().contains(&p("/dest/empty")));
+        assert_eq!(host.list_dir(&p("/dest/a")).unwrap(), vec!["b", "link"]);
+        assert_eq!(io_errno(host.copy_tree(&p("/src"), &p("/dest"))), Some(libc::ENOTEMPTY));
+        assert_eq!(io_errno(host.copy_tree(&p("/src"), &p("/missing"))), Some(libc::ENOENT));
+        assert!(matches!(
+            host.copy_tree(&p("/src/a/link"), &p("/dest")),
+            Err(HostError::Symlink { .. })
+        ));
+    }
+
+    #[test]
+    fn freeze_and_thaw_are_idempotent_per_mount() {
+        let host = RecordingHost::new();
+        let (_, target) = stage_ext4(&host, false);
+        assert!(matches!(host.freeze(&p("/stage")), Err(HostError::WrongType { .. })));
+        host.freeze(&target).unwrap();
+        host.freeze(&target).unwrap();
+        assert_eq!(host.frozen(), BTreeSet::from([target.clone()]));
+        host.thaw(&target).unwrap();
+        host.thaw(&target).unwrap();
+        assert!(host.frozen().is_empty());
+        host.fail_next("thaw", libc::EIO);
+        assert_eq!(io_errno(host.thaw(&target)), Some(libc::EIO));
+        let ops: Vec<&str> = host.mutating_calls().iter().map(Call::op).collect();
+        assert_eq!(
+            ops[ops.len() - 6..],
+            ["freeze", "freeze", "freeze", "thaw", "thaw", "thaw"]
+        );
+    }
+
+    #[test]
+    fn growing_an_image_its_loop_device_and_filesystem() {
+        let host = RecordingHost::new();
+        let (dev, target) = stage_ext4(&host, false);
+        let image = p("/pool/vols/v1.img");
+        host.set_statfs(&target, DEFAULT_STATFS);
+        assert_eq!(host.block_device_size(&dev.device).unwrap(), 64 * MIB);
+        assert_eq!(host.filesystem_size(&image), Some(64 * MIB));
+
+        host.grow_image(&image, 128 * MIB).unwrap();
+        host.grow_image(&image, 32 * MIB).unwrap();
+        assert_eq!(host.file_size(&image).unwrap(), Some(128 * MIB));
+        assert_eq!(host.block_device_size(&dev.device).unwrap(), 64 * MIB);
+        // Nothing to grow into before the loop device sees the new size.
+        host.grow_filesystem(FileSystem::Ext4, &dev.device, &target).unwrap();
+        assert_eq!(host.filesystem_size(&image), Some(64 * MIB));
+        host.loop_set_capacity(&dev.device).unwrap();
+        assert_eq!(host.block_device_size(&dev.device).unwrap(), 128 * MIB);
+
+        host.grow_filesystem(FileSystem::Ext4, &dev.device, &target).unwrap();
+        host.grow_filesystem(FileSystem::Ext4, &dev.device, &target).unwrap();
+        assert_eq!(host.filesystem_size(&image), Some(128 * MIB));
+        let st = host.statfs(&target).unwrap();
+        assert_eq!(st.total_bytes, DEFAULT_STATFS.total_bytes + 64 * MIB);
+        assert!(matches!(
+            host.grow_filesystem(FileSystem::Xfs, &dev.device, &target),
+            Err(HostError::WrongType { .. })
+        ));
+        assert!(matches!(
+            host.block_device_size(&image),
+            Err(HostError::WrongType { .. })
+        ));
+        assert_eq!(io_errno(host.grow_image(&p("/pool/none"), MIB)), Some(libc::ENOENT));
+        assert_eq!(io_errno(host.loop_set_capacity(&p("/dev/loop9"))), Some(libc::ENOENT));
+    }
+
+    #[test]
+    fn reconfigure_merges_options_into_the_mount() {
+        let host = RecordingHost::new();
+        host.add_dir("/t");
+        host.mount(&MountRequest {
+            source: MountSource::Tmpfs,
+            target: p("/t"),
+            read_only: false,
+            options: vec!["size=1M,mode=0750".into(), "nosuid".into()],
+        })
+        .unwrap();
+        host.reconfigure(&p("/t"), &["size=4M".into(), "nr_inodes=100".into()])
+            .unwrap();
+        let entry = host
+            .mountinfo()
+            .unwrap()
+            .into_iter()
+            .find(|e| e.mount_point == p("/t"))
+            .unwrap();
+        assert_eq!(entry.super_option("size"), Some("4M"));
+        assert_eq!(entry.super_option("nr_inodes"), Some("100"));
+        assert_eq!(entry.super_option("mode"), Some("0750"));
+        assert!(entry.has_mount_option("nosuid"));
+        host.reconfigure(&p("/t"), &["ro".into()]).unwrap();
+        assert!(
+            host.mountinfo()
+                .unwrap()
+                .iter()
+                .any(|e| e.mount_point == p("/t") && e.is_read_only())
+        );
+        host.reconfigure(&p("/t"), &["rw".into()]).unwrap();
+        assert!(host.mounts()[0].options.iter().all(|o| o != "ro") && !host.mounts()[0].read_only);
+        assert_eq!(
+            io_errno(host.reconfigure(&p("/"), &["size=1M".into()])),
+            Some(libc::EINVAL)
+        );
+        assert_eq!(
+            host.calls()[1],
+            Call::Reconfigure {
+                mount: p("/t"),
+                options: vec!["size=4M".into(), "nr_inodes=100".into()]
+            }
+        );
+    }
+
+    #[test]
+    fn xattrs_round_trip() {
+        let host = RecordingHost::new();
+        host.add_dir("/pool/v");
+        assert_eq!(host.get_xattr(&p("/pool/v"), "btrfs.compression").unwrap(), None);
+        host.set_xattr(&p("/pool/v"), "btrfs.compression", b"zstd").unwrap();
+        assert_eq!(
+            host.get_xattr(&p("/pool/v"), "btrfs.compression").unwrap(),
+            Some(b"zstd".to_vec())
+        );
+        assert_eq!(host.xattrs(&p("/pool/v")).len(), 1);
+        assert_eq!(io_errno(host.get_xattr(&p("/nope"), "user.a")), Some(libc::ENOENT));
+        assert_eq!(
+            io_errno(host.set_xattr(&p("/pool/v"), "noprefix", b"")),
+            Some(libc::EOPNOTSUPP)
+        );
+        host.remove_dir(&p("/pool/v")).unwrap();
+        host.add_dir("/pool/v");
+        assert!(host.xattrs(&p("/pool/v")).is_empty(), "a new directory has none");
+        assert_eq!(
+            host.mutating_calls().iter().filter(|c| c.op() == "get_xattr").count(),
+            0
+        );
+    }
+
+    #[test]
+    fn block_devices_can_be_marked_read_only() {
+        let host = RecordingHost::new();
+        host.add_file("/img", 16 * MIB);
+        let dev = host
+            .loop_attach(
+                &p("/img"),
+                LoopOptions {
+                    read_only: false,
+                    direct_io: true,
+                    autoclear: false,
+                },
+            )
+            .unwrap();
+        host.set_block_read_only(&dev.device, true).unwrap();
+        assert!(host.loop_devices().unwrap()[0].read_only);
+        assert!(host.attached_loops()[0].read_only);
+        host.set_block_read_only(&dev.device, false).unwrap();
+        assert!(!host.loop_devices().unwrap()[0].read_only);
+        assert!(matches!(
+            host.set_block_read_only(&p("/img"), true),
+            Err(HostError::WrongType { .. })
+        ));
+        assert_eq!(host.block_device_size(&dev.device).unwrap(), 16 * MIB);
+        host.fail_next("block_device_size", libc::EIO);
+        assert_eq!(io_errno(host.block_device_size(&dev.device)), Some(libc::EIO));
+    }
+
+    #[test]
+    fn every_op_can_be_failed() {
+        // Every HostOps method (26 + 13 for snapshots, clones and expansion) can be failed.
+        for op in OPS {
+            RecordingHost::new().fail_next(op, libc::EIO);
+        }
+        assert_eq!(OPS.len(), 39);
     }
 }

@@ -1,7 +1,8 @@
 //! The only place in Berth that talks to the kernel.
 //!
-//! Everything the storage engine does to the host (mounts, loop devices, btrfs subvolumes and
-//! qgroups, image files, mkfs, statfs, mountinfo) goes through the [`HostOps`] trait. The real
+//! Everything the storage engine does to the host (mounts, loop devices, btrfs subvolumes,
+//! snapshots and qgroups, image files and their clones, mkfs, online growth, freezing, statfs,
+//! mountinfo) goes through the [`HostOps`] trait. The real
 //! implementation is [`LinuxHost`]; [`fake::RecordingHost`] keeps an in-memory model of the same
 //! state and records every call, so the engine's logic can be unit-tested without root.
 //!
@@ -211,6 +212,15 @@ pub enum TargetKind {
     File,
 }
 
+/// How [`HostOps::clone_file`] copied a file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloneMethod {
+    /// Extents are shared (FICLONE): instant, no space used until either side changes.
+    Reflink,
+    /// Data was copied (sparse-aware).
+    Copy,
+}
+
 /// Every kernel-facing operation the storage engine needs.
 ///
 /// Paths named "trusted" are built by Berth from validated ids beneath its own roots. Paths
@@ -310,4 +320,43 @@ pub trait HostOps: Send + Sync + std::fmt::Debug {
     fn unmount(&self, target: &Path) -> Result<Unmounted>;
     /// The current mount table of this process's mount namespace.
     fn mountinfo(&self) -> Result<Vec<MountEntry>>;
+
+    // ---- snapshots, clones, expansion ----
+
+    /// Snapshots subvolume `source` as `dest_parent/name` (BTRFS_IOC_SNAP_CREATE_V2) and returns
+    /// the new subvolume's id. `read_only` for snapshots; writable for clones and restores. If a
+    /// subvolume already exists at the destination, returns its id (idempotent).
+    fn btrfs_snapshot(&self, source: &Path, dest_parent: &Path, name: &str, read_only: bool) -> Result<u64>;
+    /// Copies the file `source` to `dest` (created with O_EXCL, mode 0600; an existing `dest` is
+    /// an error), sharing extents with FICLONE where the filesystem can; otherwise a sparse-aware
+    /// copy (SEEK_DATA/SEEK_HOLE, holes stay holes) that logs progress every 256 MiB. The result
+    /// is fsynced. Returns how it was copied.
+    fn clone_file(&self, source: &Path, dest: &Path) -> Result<CloneMethod>;
+    /// Copies the tree under directory `source` into the existing, empty directory `dest`:
+    /// regular files (reflinked where possible), directories, symlinks (never followed), modes,
+    /// owners and timestamps. Other file types (devices, fifos, sockets) are skipped with a warning.
+    fn copy_tree(&self, source: &Path, dest: &Path) -> Result<()>;
+    /// FIFREEZE on the filesystem mounted at `mount`. Already frozen is success.
+    fn freeze(&self, mount: &Path) -> Result<()>;
+    /// FITHAW on the filesystem mounted at `mount`. Not frozen is success.
+    fn thaw(&self, mount: &Path) -> Result<()>;
+    /// Grows an image file to `size` bytes, reserving the new range with fallocate. A file
+    /// already at least that large is left alone (never shrinks).
+    fn grow_image(&self, path: &Path, size: u64) -> Result<()>;
+    /// LOOP_SET_CAPACITY: makes an attached loop device pick up its backing file's new size.
+    fn loop_set_capacity(&self, device: &Path) -> Result<()>;
+    /// Grows the filesystem mounted at `mount` (on `device`) to fill the device, online:
+    /// resize2fs for ext4, xfs_growfs for xfs, BTRFS_IOC_RESIZE ("max") for btrfs.
+    fn grow_filesystem(&self, fs: FileSystem, device: &Path, mount: &Path) -> Result<()>;
+    /// Changes filesystem options of the mount at `mount` in place (fspick, fsconfig,
+    /// FSCONFIG_CMD_RECONFIGURE), e.g. `size=…` or `nr_inodes=…` of a tmpfs.
+    fn reconfigure(&self, mount: &Path, options: &[String]) -> Result<()>;
+    /// Sets an extended attribute on a trusted path (e.g. `btrfs.compression` = `zstd`).
+    fn set_xattr(&self, path: &Path, name: &str, value: &[u8]) -> Result<()>;
+    /// Reads an extended attribute; `None` when it is not set.
+    fn get_xattr(&self, path: &Path, name: &str) -> Result<Option<Vec<u8>>>;
+    /// Marks a block device read-only or read-write (BLKROSET).
+    fn set_block_read_only(&self, device: &Path, read_only: bool) -> Result<()>;
+    /// Logical size in bytes of a block device (BLKGETSIZE64).
+    fn block_device_size(&self, device: &Path) -> Result<u64>;
 }

@@ -1,13 +1,17 @@
 //! [`LinuxHost`]: the real [`HostOps`], straight onto Linux system calls.
 //!
 //! Owns every syscall Berth makes. Mounts go through file descriptors ([`mount`]), loop devices
-//! through `LOOP_CONFIGURE` ([`loopdev`]), btrfs subvolumes and qgroups through ioctls
-//! ([`btrfs`]); only mkfs and blkid run external programs. Target paths are never followed
+//! through `LOOP_CONFIGURE` ([`loopdev`]), btrfs subvolumes, snapshots, qgroups and resizes
+//! through ioctls ([`btrfs`]), file clones through `FICLONE` with a sparse copy fallback
+//! ([`copy`]), freezing and block-device flags through ioctls ([`device`]); only mkfs, blkid,
+//! resize2fs and xfs_growfs run external programs. Target paths are never followed
 //! through a final symlink (`O_NOFOLLOW`, `AT_SYMLINK_NOFOLLOW`, `UMOUNT_NOFOLLOW`). Every
 //! operation the trait calls idempotent is: "already there" and "already gone" are success, so
 //! callers can retry after a crash.
 
 mod btrfs;
+mod copy;
+mod device;
 mod loopdev;
 pub(crate) mod mount;
 
@@ -22,8 +26,8 @@ use rustix::fs::{AtFlags, CWD, FallocateFlags, FileType, IFlags, Mode, OFlags};
 use rustix::io::Errno;
 
 use crate::{
-    FileSystem, FsStats, HostError, HostOps, LoopDevice, LoopOptions, MountEntry, MountRequest, MountSource,
-    QgroupInfo, Result, TargetKind, Unmounted,
+    CloneMethod, FileSystem, FsStats, HostError, HostOps, LoopDevice, LoopOptions, MountEntry, MountRequest,
+    MountSource, QgroupInfo, Result, TargetKind, Unmounted,
 };
 
 /// The host itself. Every call goes to the kernel; the only state is the open descriptors of
@@ -357,6 +361,111 @@ fn mountinfo() -> Result<Vec<MountEntry>> {
         .map_err(|e| HostError::io("parse mountinfo", PATH, std::io::Error::new(ErrorKind::InvalidData, e)))
 }
 
+/// Grows a regular file to `size` bytes with fallocate (reserving the new range); never shrinks.
+fn grow_image(path: &Path, size: u64) -> Result<()> {
+    const OP: &str = "grow image";
+    let fd = rustix::fs::open(path, OFlags::WRONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW, Mode::empty()).map_err(
+        |e| match e {
+            Errno::LOOP => HostError::Symlink { path: path.to_owned() },
+            e => HostError::io(OP, path, e),
+        },
+    )?;
+    let st = rustix::fs::fstat(&fd).map_err(|e| HostError::io(OP, path, e))?;
+    if kind_of(&st) != FileType::RegularFile {
+        return Err(wrong_type(path, "is not a regular file"));
+    }
+    let have = to_u64(st.st_size);
+    if have >= size {
+        return Ok(());
+    }
+    rustix::fs::fallocate(&fd, FallocateFlags::empty(), have, size - have)
+        .map_err(|e| HostError::io("grow image: fallocate", path, e))?;
+    rustix::fs::fsync(&fd).map_err(|e| HostError::io("grow image: fsync", path, e))?;
+    tracing::info!(path = %path.display(), from = have, to = size, "image grown");
+    Ok(())
+}
+
+/// `CAP_SYS_RESOURCE`, needed for online ext4 resizing.
+const CAP_SYS_RESOURCE: u32 = 24;
+
+/// Whether this process has capability `cap` in its effective set (`CapEff` of
+/// /proc/self/status); when that cannot be read, assume it does and let the kernel decide.
+fn has_capability(cap: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return true;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_none_or(|caps| caps & (1 << cap) != 0)
+}
+
+/// Online growth of a mounted filesystem to the size of its device.
+fn grow_filesystem(fs: FileSystem, device: &Path, mount: &Path) -> Result<()> {
+    // Aiming resize2fs or xfs_growfs at the wrong filesystem must not happen: check what is
+    // mounted there first.
+    let want = match fs {
+        FileSystem::Ext4 => crate::magic::EXT4,
+        FileSystem::Xfs => crate::magic::XFS,
+        FileSystem::Btrfs => crate::magic::BTRFS,
+    };
+    let found = statfs(mount)?.fs_type;
+    if found != want {
+        return Err(wrong_type(
+            mount,
+            format!("holds filesystem magic {found:#x}, not {}", fs.as_str()),
+        ));
+    }
+    if fs == FileSystem::Ext4 && !has_capability(CAP_SYS_RESOURCE) {
+        // The kernel's EXT4_IOC_RESIZE_FS checks it (resize2fs says only "Permission denied").
+        return Err(HostError::Unsupported(format!(
+            "growing the ext4 filesystem on {} online needs CAP_SYS_RESOURCE, which this process lacks",
+            mount.display()
+        )));
+    }
+    let (program, args, operand): (&str, &[&str], &Path) = match fs {
+        // With the filesystem mounted, resize2fs asks the kernel to resize it online.
+        FileSystem::Ext4 => ("resize2fs", &[], device),
+        FileSystem::Xfs => ("xfs_growfs", &["-d"], mount),
+        FileSystem::Btrfs => return btrfs::resize_max(mount),
+    };
+    let output = run(program, args, operand)?;
+    if !output.status.success() {
+        return Err(command_error(program, &output));
+    }
+    tracing::info!(device = %device.display(), mount = %mount.display(), fs = fs.as_str(), "filesystem grown");
+    Ok(())
+}
+
+fn set_xattr(path: &Path, name: &str, value: &[u8]) -> Result<()> {
+    rustix::fs::lsetxattr(path, name, value, rustix::fs::XattrFlags::empty())
+        .map_err(|e| HostError::io("set xattr", path, e))
+}
+
+fn get_xattr(path: &Path, name: &str) -> Result<Option<Vec<u8>>> {
+    const OP: &str = "get xattr";
+    // The value can change size between the query and the read: retry on ERANGE.
+    for _ in 0..8 {
+        let size = match rustix::fs::lgetxattr_query(path, name) {
+            Ok(n) => n,
+            Err(Errno::NODATA) => return Ok(None),
+            Err(e) => return Err(HostError::io(OP, path, e)),
+        };
+        let mut buf = vec![0u8; size];
+        match rustix::fs::lgetxattr(path, name, &mut buf[..]) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(Some(buf));
+            }
+            Err(Errno::RANGE) => continue,
+            Err(Errno::NODATA) => return Ok(None),
+            Err(e) => return Err(HostError::io(OP, path, e)),
+        }
+    }
+    Err(HostError::io(OP, path, Errno::RANGE))
+}
+
 impl HostOps for LinuxHost {
     fn create_dir_all(&self, path: &Path, mode: u32) -> Result<()> {
         create_dir_all(path, mode)
@@ -498,6 +607,58 @@ impl HostOps for LinuxHost {
 
     fn mountinfo(&self) -> Result<Vec<MountEntry>> {
         mountinfo()
+    }
+
+    fn btrfs_snapshot(&self, source: &Path, dest_parent: &Path, name: &str, read_only: bool) -> Result<u64> {
+        btrfs::snapshot(source, dest_parent, name, read_only)
+    }
+
+    fn clone_file(&self, source: &Path, dest: &Path) -> Result<CloneMethod> {
+        copy::clone_file(source, dest)
+    }
+
+    fn copy_tree(&self, source: &Path, dest: &Path) -> Result<()> {
+        copy::copy_tree(source, dest)
+    }
+
+    fn freeze(&self, mount: &Path) -> Result<()> {
+        device::freeze(mount)
+    }
+
+    fn thaw(&self, mount: &Path) -> Result<()> {
+        device::thaw(mount)
+    }
+
+    fn grow_image(&self, path: &Path, size: u64) -> Result<()> {
+        grow_image(path, size)
+    }
+
+    fn loop_set_capacity(&self, device: &Path) -> Result<()> {
+        loopdev::set_capacity(device)
+    }
+
+    fn grow_filesystem(&self, fs: FileSystem, device: &Path, mount: &Path) -> Result<()> {
+        grow_filesystem(fs, device, mount)
+    }
+
+    fn reconfigure(&self, mount: &Path, options: &[String]) -> Result<()> {
+        mount::reconfigure(mount, options)
+    }
+
+    fn set_xattr(&self, path: &Path, name: &str, value: &[u8]) -> Result<()> {
+        set_xattr(path, name, value)
+    }
+
+    fn get_xattr(&self, path: &Path, name: &str) -> Result<Option<Vec<u8>>> {
+        get_xattr(path, name)
+    }
+
+    fn set_block_read_only(&self, device: &Path, read_only: bool) -> Result<()> {
+        device::set_read_only(device, read_only)
+    }
+
+    fn block_device_size(&self, device: &Path) -> Result<u64> {
+        device::size(device)
     }
 }
 

@@ -13,8 +13,9 @@ use berth_csi::v1::{
 };
 use berth_csi::{CsiError, Driver};
 
+use crate::engine::CreateRequest;
 use crate::engine::{Condition, Engine, EngineError};
-use crate::journal::VolumeRecord;
+use crate::journal::{ContentSource, GroupRecord, SnapshotRecord, VolumeRecord};
 use crate::spec::{AccessMode, AccessType, Capability, CapacityRange, Kind};
 
 /// The driver name Berth registers (CSIDriver object name).
@@ -54,6 +55,32 @@ impl BerthDriver {
         t.segments.get(TOPOLOGY_KEY).map(String::as_str) == Some(self.engine.node_id())
     }
 
+    fn snapshot_message(s: &SnapshotRecord) -> v1::Snapshot {
+        v1::Snapshot {
+            size_bytes: i64_of(s.size),
+            snapshot_id: s.id.to_string(),
+            source_volume_id: s.source_volume_id.to_string(),
+            creation_time: Some(prost_types::Timestamp {
+                seconds: i64_of(s.created_unix),
+                nanos: i32::try_from(s.created_nanos).unwrap_or(0),
+            }),
+            ready_to_use: true,
+            group_snapshot_id: s.group_id.as_ref().map(ToString::to_string).unwrap_or_default(),
+        }
+    }
+
+    fn group_message(g: &GroupRecord, members: &[SnapshotRecord]) -> v1::VolumeGroupSnapshot {
+        v1::VolumeGroupSnapshot {
+            group_snapshot_id: g.id.to_string(),
+            snapshots: members.iter().map(Self::snapshot_message).collect(),
+            creation_time: Some(prost_types::Timestamp {
+                seconds: i64_of(g.created_unix),
+                nanos: i32::try_from(g.created_nanos).unwrap_or(0),
+            }),
+            ready_to_use: true,
+        }
+    }
+
     fn volume_message(&self, rec: &VolumeRecord) -> v1::Volume {
         v1::Volume {
             capacity_bytes: i64::try_from(rec.capacity).unwrap_or(i64::MAX),
@@ -62,7 +89,17 @@ impl BerthDriver {
                 ("kind".to_owned(), rec.kind.as_str().to_owned()),
                 ("pool".to_owned(), rec.pool.clone()),
             ]),
-            content_source: None,
+            content_source: rec.source.as_ref().map(|src| {
+                use v1::volume_content_source::{SnapshotSource, Type, VolumeSource};
+                v1::VolumeContentSource {
+                    r#type: Some(match src {
+                        ContentSource::Snapshot(id) => Type::Snapshot(SnapshotSource {
+                            snapshot_id: id.clone(),
+                        }),
+                        ContentSource::Volume(id) => Type::Volume(VolumeSource { volume_id: id.clone() }),
+                    }),
+                }
+            }),
             accessible_topology: vec![self.topology()],
         }
     }
@@ -177,11 +214,20 @@ fn controller_caps() -> Vec<v1::ControllerServiceCapability> {
     use ccap::rpc::Type;
     [
         Type::CreateDeleteVolume,
+        Type::PublishUnpublishVolume,
         Type::ListVolumes,
         Type::GetCapacity,
+        Type::CreateDeleteSnapshot,
+        Type::ListSnapshots,
+        Type::CloneVolume,
+        Type::PublishReadonly,
+        Type::ExpandVolume,
+        Type::ListVolumesPublishedNodes,
         Type::VolumeCondition,
         Type::GetVolume,
         Type::SingleNodeMultiWriter,
+        Type::ModifyVolume,
+        Type::GetSnapshot,
     ]
     .into_iter()
     .map(|t| v1::ControllerServiceCapability {
@@ -195,6 +241,7 @@ fn node_caps() -> Vec<v1::NodeServiceCapability> {
     [
         Type::StageUnstageVolume,
         Type::GetVolumeStats,
+        Type::ExpandVolume,
         Type::VolumeCondition,
         Type::SingleNodeMultiWriter,
     ]
@@ -219,12 +266,21 @@ impl Driver for BerthDriver {
         _req: v1::GetPluginCapabilitiesRequest,
     ) -> Result<v1::GetPluginCapabilitiesResponse, CsiError> {
         use pcap::service::Type;
-        let capabilities = [Type::ControllerService, Type::VolumeAccessibilityConstraints]
-            .into_iter()
-            .map(|t| v1::PluginCapability {
-                r#type: Some(pcap::Type::Service(pcap::Service { r#type: t as i32 })),
-            })
-            .collect();
+        let mut capabilities: Vec<v1::PluginCapability> = [
+            Type::ControllerService,
+            Type::VolumeAccessibilityConstraints,
+            Type::GroupControllerService,
+        ]
+        .into_iter()
+        .map(|t| v1::PluginCapability {
+            r#type: Some(pcap::Type::Service(pcap::Service { r#type: t as i32 })),
+        })
+        .collect();
+        capabilities.push(v1::PluginCapability {
+            r#type: Some(pcap::Type::VolumeExpansion(pcap::VolumeExpansion {
+                r#type: pcap::volume_expansion::Type::Online as i32,
+            })),
+        });
         Ok(v1::GetPluginCapabilitiesResponse { capabilities })
     }
 
@@ -236,12 +292,15 @@ impl Driver for BerthDriver {
     async fn create_volume(&self, req: v1::CreateVolumeRequest) -> Result<v1::CreateVolumeResponse, CsiError> {
         require("name", &req.name)?;
         let caps = capabilities(&req.volume_capabilities)?;
-        if req.volume_content_source.is_some() {
-            return Err(CsiError::invalid(
-                "volume_content_source",
-                "creating a volume from a snapshot or another volume is not supported yet",
-            ));
-        }
+        let source = match req.volume_content_source.as_ref().and_then(|s| s.r#type.as_ref()) {
+            None => None,
+            Some(v1::volume_content_source::Type::Snapshot(s)) => Some(ContentSource::Snapshot(
+                require("volume_content_source.snapshot.snapshot_id", &s.snapshot_id)?.to_owned(),
+            )),
+            Some(v1::volume_content_source::Type::Volume(v)) => Some(ContentSource::Volume(
+                require("volume_content_source.volume.volume_id", &v.volume_id)?.to_owned(),
+            )),
+        };
         if let Some(reqs) = &req.accessibility_requirements
             && !reqs.requisite.is_empty()
             && !reqs.requisite.iter().any(|t| self.on_this_node(t))
@@ -258,9 +317,15 @@ impl Driver for BerthDriver {
             },
             None => CapacityRange::default(),
         };
-        let params: BTreeMap<String, String> = req.parameters.into_iter().collect();
-        let name = req.name;
-        let rec = self.run(move |e| e.create_volume(&name, params, caps, range)).await?;
+        let create = CreateRequest {
+            name: req.name,
+            parameters: req.parameters.into_iter().collect(),
+            mutable: req.mutable_parameters.into_iter().collect(),
+            capabilities: caps,
+            range,
+            source,
+        };
+        let rec = self.run(move |e| e.create(create)).await?;
         Ok(v1::CreateVolumeResponse {
             volume: Some(self.volume_message(&rec)),
         })
@@ -307,7 +372,8 @@ impl Driver for BerthDriver {
                     .into_iter()
                     .map(|v| {
                         let c = e.condition(&v);
-                        (v, c)
+                        let nodes = e.published_nodes(&v.id);
+                        (v, c, nodes)
                     })
                     .collect::<Vec<_>>();
                 Ok((with_condition, next))
@@ -315,10 +381,10 @@ impl Driver for BerthDriver {
             .await?;
         let entries = vols
             .into_iter()
-            .map(|(v, c)| v1::list_volumes_response::Entry {
+            .map(|(v, c, nodes)| v1::list_volumes_response::Entry {
                 volume: Some(self.volume_message(&v)),
                 status: Some(v1::list_volumes_response::VolumeStatus {
-                    published_node_ids: vec![],
+                    published_node_ids: nodes,
                     volume_condition: Some(condition(c)),
                 }),
             })
@@ -390,19 +456,184 @@ impl Driver for BerthDriver {
         req: v1::ControllerGetVolumeRequest,
     ) -> Result<v1::ControllerGetVolumeResponse, CsiError> {
         let id = require("volume_id", &req.volume_id)?.to_owned();
-        let (rec, c) = self
+        let (rec, c, nodes) = self
             .run(move |e| {
                 let rec = e.volume(&id)?;
                 let c = e.condition(&rec);
-                Ok((rec, c))
+                let nodes = e.published_nodes(&rec.id);
+                Ok((rec, c, nodes))
             })
             .await?;
         Ok(v1::ControllerGetVolumeResponse {
             volume: Some(self.volume_message(&rec)),
             status: Some(v1::controller_get_volume_response::VolumeStatus {
-                published_node_ids: vec![],
+                published_node_ids: nodes,
                 volume_condition: Some(condition(c)),
             }),
+        })
+    }
+
+    async fn controller_publish_volume(
+        &self,
+        req: v1::ControllerPublishVolumeRequest,
+    ) -> Result<v1::ControllerPublishVolumeResponse, CsiError> {
+        let id = require("volume_id", &req.volume_id)?.to_owned();
+        let node = require("node_id", &req.node_id)?.to_owned();
+        let cap = req
+            .volume_capability
+            .as_ref()
+            .ok_or_else(|| CsiError::invalid("volume_capability", "is required"))?;
+        let cap = capability("volume_capability", cap)?;
+        let read_only = req.readonly;
+        let publish_context = self
+            .run(move |e| e.controller_publish(&id, &node, cap, read_only))
+            .await?;
+        Ok(v1::ControllerPublishVolumeResponse { publish_context })
+    }
+
+    async fn controller_unpublish_volume(
+        &self,
+        req: v1::ControllerUnpublishVolumeRequest,
+    ) -> Result<v1::ControllerUnpublishVolumeResponse, CsiError> {
+        let id = require("volume_id", &req.volume_id)?.to_owned();
+        let node = req.node_id;
+        self.run(move |e| e.controller_unpublish(&id, &node)).await?;
+        Ok(v1::ControllerUnpublishVolumeResponse {})
+    }
+
+    async fn controller_expand_volume(
+        &self,
+        req: v1::ControllerExpandVolumeRequest,
+    ) -> Result<v1::ControllerExpandVolumeResponse, CsiError> {
+        let id = require("volume_id", &req.volume_id)?.to_owned();
+        let r = req
+            .capacity_range
+            .as_ref()
+            .ok_or_else(|| CsiError::invalid("capacity_range", "is required"))?;
+        let range = CapacityRange {
+            required: bytes("capacity_range.required_bytes", r.required_bytes)?,
+            limit: bytes("capacity_range.limit_bytes", r.limit_bytes)?,
+        };
+        if let Some(cap) = &req.volume_capability {
+            capability("volume_capability", cap)?;
+        }
+        let (capacity, node) = self.run(move |e| e.controller_expand(&id, range)).await?;
+        Ok(v1::ControllerExpandVolumeResponse {
+            capacity_bytes: i64_of(capacity),
+            node_expansion_required: node,
+        })
+    }
+
+    async fn controller_modify_volume(
+        &self,
+        req: v1::ControllerModifyVolumeRequest,
+    ) -> Result<v1::ControllerModifyVolumeResponse, CsiError> {
+        let id = require("volume_id", &req.volume_id)?.to_owned();
+        let mutable: BTreeMap<String, String> = req.mutable_parameters.into_iter().collect();
+        self.run(move |e| e.modify(&id, &mutable)).await?;
+        Ok(v1::ControllerModifyVolumeResponse {})
+    }
+
+    async fn create_snapshot(&self, req: v1::CreateSnapshotRequest) -> Result<v1::CreateSnapshotResponse, CsiError> {
+        require("name", &req.name)?;
+        require("source_volume_id", &req.source_volume_id)?;
+        let params: BTreeMap<String, String> = req.parameters.into_iter().collect();
+        let (name, source) = (req.name, req.source_volume_id);
+        let snap = self.run(move |e| e.create_snapshot(&name, &source, &params)).await?;
+        Ok(v1::CreateSnapshotResponse {
+            snapshot: Some(Self::snapshot_message(&snap)),
+        })
+    }
+
+    async fn delete_snapshot(&self, req: v1::DeleteSnapshotRequest) -> Result<v1::DeleteSnapshotResponse, CsiError> {
+        let id = require("snapshot_id", &req.snapshot_id)?.to_owned();
+        self.run(move |e| e.delete_snapshot(&id)).await?;
+        Ok(v1::DeleteSnapshotResponse {})
+    }
+
+    async fn list_snapshots(&self, req: v1::ListSnapshotsRequest) -> Result<v1::ListSnapshotsResponse, CsiError> {
+        let max = usize::try_from(req.max_entries)
+            .map_err(|_| CsiError::invalid("max_entries", format!("{} is negative", req.max_entries)))?;
+        let (snaps, next) = self
+            .run(move |e| e.list_snapshots(&req.snapshot_id, &req.source_volume_id, &req.starting_token, max))
+            .await?;
+        Ok(v1::ListSnapshotsResponse {
+            entries: snaps
+                .iter()
+                .map(|s| v1::list_snapshots_response::Entry {
+                    snapshot: Some(Self::snapshot_message(s)),
+                })
+                .collect(),
+            next_token: next.unwrap_or_default(),
+        })
+    }
+
+    async fn get_snapshot(&self, req: v1::GetSnapshotRequest) -> Result<v1::GetSnapshotResponse, CsiError> {
+        let id = require("snapshot_id", &req.snapshot_id)?.to_owned();
+        let snap = self.run(move |e| e.snapshot(&id)).await?;
+        Ok(v1::GetSnapshotResponse {
+            snapshot: Some(Self::snapshot_message(&snap)),
+        })
+    }
+
+    async fn group_controller_get_capabilities(
+        &self,
+        _req: v1::GroupControllerGetCapabilitiesRequest,
+    ) -> Result<v1::GroupControllerGetCapabilitiesResponse, CsiError> {
+        use v1::group_controller_service_capability as g;
+        Ok(v1::GroupControllerGetCapabilitiesResponse {
+            capabilities: vec![v1::GroupControllerServiceCapability {
+                r#type: Some(g::Type::Rpc(g::Rpc {
+                    r#type: g::rpc::Type::CreateDeleteGetVolumeGroupSnapshot as i32,
+                })),
+            }],
+        })
+    }
+
+    async fn create_volume_group_snapshot(
+        &self,
+        req: v1::CreateVolumeGroupSnapshotRequest,
+    ) -> Result<v1::CreateVolumeGroupSnapshotResponse, CsiError> {
+        require("name", &req.name)?;
+        let params: BTreeMap<String, String> = req.parameters.into_iter().collect();
+        let (name, sources) = (req.name, req.source_volume_ids);
+        let (group, members) = self
+            .run(move |e| e.create_group_snapshot(&name, &sources, &params))
+            .await?;
+        Ok(v1::CreateVolumeGroupSnapshotResponse {
+            group_snapshot: Some(Self::group_message(&group, &members)),
+        })
+    }
+
+    async fn get_volume_group_snapshot(
+        &self,
+        req: v1::GetVolumeGroupSnapshotRequest,
+    ) -> Result<v1::GetVolumeGroupSnapshotResponse, CsiError> {
+        let id = require("group_snapshot_id", &req.group_snapshot_id)?.to_owned();
+        let (group, members) = self.run(move |e| e.group_snapshot(&id)).await?;
+        Ok(v1::GetVolumeGroupSnapshotResponse {
+            group_snapshot: Some(Self::group_message(&group, &members)),
+        })
+    }
+
+    async fn delete_volume_group_snapshot(
+        &self,
+        req: v1::DeleteVolumeGroupSnapshotRequest,
+    ) -> Result<v1::DeleteVolumeGroupSnapshotResponse, CsiError> {
+        let id = require("group_snapshot_id", &req.group_snapshot_id)?.to_owned();
+        self.run(move |e| e.delete_group_snapshot(&id)).await?;
+        Ok(v1::DeleteVolumeGroupSnapshotResponse {})
+    }
+
+    async fn node_expand_volume(
+        &self,
+        req: v1::NodeExpandVolumeRequest,
+    ) -> Result<v1::NodeExpandVolumeResponse, CsiError> {
+        let id = require("volume_id", &req.volume_id)?.to_owned();
+        let path = PathBuf::from(require("volume_path", &req.volume_path)?);
+        let capacity = self.run(move |e| e.node_expand(&id, &path)).await?;
+        Ok(v1::NodeExpandVolumeResponse {
+            capacity_bytes: i64_of(capacity),
         })
     }
 

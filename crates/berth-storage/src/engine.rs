@@ -17,7 +17,9 @@ use berth_host::{FileSystem, HostError, HostOps, LoopOptions, MountRequest, Moun
 
 use crate::crash;
 use crate::id::{self, VolumeId};
-use crate::journal::{Journal, JournalError, PublishRecord, Records, StageRecord, VolumeRecord, VolumeState};
+use crate::journal::{
+    ContentSource, Journal, JournalError, PublishRecord, Records, StageRecord, VolumeRecord, VolumeState,
+};
 use crate::pool::{Pool, PoolError};
 use crate::spec::{self, AccessType, Capability, CapacityRange, Kind};
 
@@ -57,7 +59,7 @@ impl From<spec::SpecError> for EngineError {
 
 pub type Result<T> = std::result::Result<T, EngineError>;
 
-fn invalid(field: &str, message: impl Into<String>) -> EngineError {
+pub(crate) fn invalid(field: &str, message: impl Into<String>) -> EngineError {
     EngineError::Invalid {
         field: field.to_owned(),
         message: message.into(),
@@ -78,6 +80,33 @@ pub struct EngineConfig {
     pub tmpfs_budget: Option<u64>,
     /// Advertised in NodeGetInfo (0 = no limit).
     pub max_volumes_per_node: i64,
+}
+
+/// A CreateVolume, decoded.
+#[derive(Clone, Debug, Default)]
+pub struct CreateRequest {
+    pub name: String,
+    pub parameters: BTreeMap<String, String>,
+    /// mutable_parameters (VolumeAttributesClass), applied at creation.
+    pub mutable: BTreeMap<String, String>,
+    pub capabilities: Vec<Capability>,
+    pub range: CapacityRange,
+    pub source: Option<ContentSource>,
+}
+
+/// Where a restore or clone copies from (see `snapshot.rs`).
+#[derive(Clone, Debug)]
+pub struct CreateRequestOrigin {
+    pub kind: Kind,
+    pub fs: Option<FileSystem>,
+    /// Pool of the source; empty for tmpfs.
+    pub pool: String,
+    /// Size of the source: the smallest volume made from it.
+    pub size: u64,
+    /// Subvolume, image file or directory to copy.
+    pub path: PathBuf,
+    /// Mount to freeze while copying.
+    pub freeze: Option<PathBuf>,
 }
 
 /// The name of the pool Berth makes under its data dir.
@@ -111,9 +140,9 @@ impl Condition {
 }
 
 #[derive(Debug, Default)]
-struct State {
-    records: Records,
-    names: HashMap<String, VolumeId>,
+pub(crate) struct State {
+    pub(crate) records: Records,
+    pub(crate) names: HashMap<String, VolumeId>,
 }
 
 /// The engine. Cheap to share behind an `Arc`; every method blocks (run it off the reactor).
@@ -123,14 +152,14 @@ pub struct Engine {
     pub(crate) cfg: EngineConfig,
     pub(crate) pools: BTreeMap<String, Pool>,
     pub(crate) journal: Journal,
-    state: Mutex<State>,
+    pub(crate) state: Mutex<State>,
     busy: Mutex<HashSet<String>>,
     idle: Condvar,
     tmpfs_budget: u64,
 }
 
 /// Marks a key busy until dropped.
-struct Busy<'a> {
+pub(crate) struct Busy<'a> {
     engine: &'a Engine,
     key: String,
 }
@@ -143,12 +172,12 @@ impl Drop for Busy<'_> {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves plain data behind; keep serving.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn now_unix() -> u64 {
+pub(crate) fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
@@ -210,12 +239,12 @@ impl Engine {
         DEFAULT_POOL
     }
 
-    pub(crate) fn records(&self) -> Records {
+    pub fn records(&self) -> Records {
         lock(&self.state).records.clone()
     }
 
     /// Claims `key` for one operation, or answers ABORTED if another one holds it.
-    fn try_busy(&self, key: &str) -> Result<Busy<'_>> {
+    pub(crate) fn try_busy(&self, key: &str) -> Result<Busy<'_>> {
         let mut busy = lock(&self.busy);
         if !busy.insert(key.to_owned()) {
             return Err(EngineError::Aborted(format!(
@@ -229,7 +258,7 @@ impl Engine {
     }
 
     /// Claims `key`, waiting for an operation that holds it to end.
-    fn wait_busy(&self, key: &str) -> Busy<'_> {
+    pub(crate) fn wait_busy(&self, key: &str) -> Busy<'_> {
         let mut busy = lock(&self.busy);
         while busy.contains(key) {
             busy = self.idle.wait(busy).unwrap_or_else(|e| e.into_inner());
@@ -268,6 +297,41 @@ impl Engine {
             .ok_or_else(|| EngineError::NotFound(format!("volume {id} does not exist")))
     }
 
+    /// Sets the qgroup limit of a subvolume just made for `id`; on failure removes the
+    /// subvolume again so a failed create leaves nothing behind.
+    pub(crate) fn limit_new_subvolume(&self, pool: &Pool, id: &VolumeId, sub: u64, capacity: u64) -> Result<()> {
+        if let Err(e) = self.host.btrfs_qgroup_limit(&pool.root, sub, Some(capacity)) {
+            if let Err(undo) = self.host.btrfs_subvolume_delete(&pool.volumes_dir(), id.as_str()) {
+                tracing::warn!(error = %undo, "could not remove the subvolume of a failed create; the next start will");
+            } else if self.host.btrfs_qgroup_destroy(&pool.root, sub).is_err() {
+                self.retire_qgroup(&pool.name, sub)?;
+            }
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Looks up a volume by its CreateVolume name.
+    pub fn volume_by_name(&self, name: &str) -> Option<VolumeRecord> {
+        let state = lock(&self.state);
+        state
+            .names
+            .get(name)
+            .and_then(|id| state.records.volumes.get(id))
+            .filter(|v| v.state == VolumeState::Ready)
+            .cloned()
+    }
+
+    /// Whether a volume is staged (and where).
+    pub fn staging_path(&self, id: &VolumeId) -> Option<PathBuf> {
+        lock(&self.state).records.stages.get(id).map(|s| s.staging_path.clone())
+    }
+
+    /// The data directory this engine owns.
+    pub fn data_dir(&self) -> &Path {
+        &self.cfg.data_dir
+    }
+
     /// Volumes in id order after `start_after`, at most `max` (0 = all), and the next token.
     pub fn list_volumes(&self, start_after: Option<&str>, max: usize) -> Result<(Vec<VolumeRecord>, Option<String>)> {
         let after =
@@ -294,6 +358,16 @@ impl Engine {
             None
         };
         Ok((out, next))
+    }
+
+    /// The volume recorded as published at `target`, if any.
+    fn publisher_at(&self, target: &Path) -> Option<VolumeId> {
+        lock(&self.state)
+            .records
+            .publishes
+            .keys()
+            .find(|(_, t)| t == target)
+            .map(|(v, _)| v.clone())
     }
 
     /// Targets where a volume is published.
@@ -325,7 +399,7 @@ impl Engine {
         Ok((stats.available_bytes, stats.available_bytes))
     }
 
-    /// CreateVolume: idempotent by name.
+    /// CreateVolume of an empty volume: idempotent by name.
     pub fn create_volume(
         &self,
         name: &str,
@@ -333,8 +407,72 @@ impl Engine {
         capabilities: Vec<Capability>,
         range: CapacityRange,
     ) -> Result<VolumeRecord> {
+        self.create(CreateRequest {
+            name: name.to_owned(),
+            parameters,
+            mutable: BTreeMap::new(),
+            capabilities,
+            range,
+            source: None,
+        })
+    }
+
+    /// CreateVolume: idempotent by name; restores a snapshot or clones a volume when asked.
+    pub fn create(&self, req: CreateRequest) -> Result<VolumeRecord> {
+        let CreateRequest {
+            name,
+            parameters,
+            mutable,
+            capabilities,
+            range,
+            source,
+        } = req;
+        let name = name.as_str();
         id::check_name(name).map_err(|e| invalid("name", e.to_string()))?;
-        let spec = spec::resolve(&parameters, &capabilities, range, DEFAULT_POOL)?;
+        let origin = match &source {
+            Some(src) => Some(self.origin(src)?),
+            None => None,
+        };
+        // A restore or clone lands in its source's pool unless the request names one.
+        let default_pool = origin.as_ref().map_or(DEFAULT_POOL, |o| o.pool.as_str());
+        let default_pool = if default_pool.is_empty() {
+            DEFAULT_POOL
+        } else {
+            default_pool
+        };
+        let mut spec = spec::resolve(&parameters, &capabilities, range, default_pool)?;
+        spec::check_mutable(spec.kind, &mutable)?;
+        if let Some(o) = &origin {
+            if o.kind != spec.kind || o.fs != spec.fs {
+                return Err(invalid(
+                    "volume_content_source",
+                    format!(
+                        "the source is a kind={} volume{}; a volume made from it must be the same kind{}",
+                        o.kind.as_str(),
+                        o.fs.map(|f| format!(" with {}", f.as_str())).unwrap_or_default(),
+                        if o.fs.is_some() { " and filesystem" } else { "" }
+                    ),
+                ));
+            }
+            if spec.kind != Kind::Tmpfs && o.pool != spec.pool {
+                return Err(invalid(
+                    "parameters.pool",
+                    format!(
+                        "the source lives in pool {:?}; a restore or clone stays in its pool",
+                        o.pool
+                    ),
+                ));
+            }
+            if spec.capacity < o.size {
+                if range.limit != 0 && range.limit < o.size {
+                    return Err(EngineError::OutOfRange(format!(
+                        "the source holds {} bytes; limit_bytes {} is smaller",
+                        o.size, range.limit
+                    )));
+                }
+                spec.capacity = o.size;
+            }
+        }
         let _busy = self.wait_busy(&format!("name:{name}"));
 
         let existing = {
@@ -346,6 +484,12 @@ impl Engine {
                 .cloned()
         };
         if let Some(rec) = existing {
+            if rec.source != source {
+                return Err(EngineError::AlreadyExists(format!(
+                    "volume {name:?} already exists ({}) with another content source",
+                    rec.id
+                )));
+            }
             return self.existing_matches(rec, &spec, &parameters, range);
         }
 
@@ -354,25 +498,11 @@ impl Engine {
             .map_err(|e| EngineError::Host(HostError::io("getrandom", "", std::io::Error::other(e.to_string()))))?;
         let span = tracing::info_span!("create_volume", volume_id = %id, name, kind = spec.kind.as_str());
         let _enter = span.enter();
-        let subvolume_id = match spec.kind {
-            Kind::Dir => {
-                let pool = self.pool(&spec.pool)?;
-                let sub = self.host.btrfs_subvolume_create(&pool.volumes_dir(), id.as_str())?;
-                self.host.btrfs_qgroup_limit(&pool.root, sub, Some(spec.capacity))?;
-                Some(sub)
-            }
-            Kind::Fs | Kind::Block => {
-                let pool = self.pool(&spec.pool)?;
-                self.host.create_image(&pool.image_path(&id), spec.capacity, true)?;
-                None
-            }
-            Kind::Tmpfs => {
-                self.mount_tmpfs(&id, spec.capacity)?;
-                None
-            }
+        let subvolume_id = match &origin {
+            None => self.make_empty(&id, &spec)?,
+            Some(o) => self.make_from(&id, &spec, o)?,
         };
-        crash::point("create_volume.after_backend");
-        let rec = VolumeRecord {
+        let mut rec = VolumeRecord {
             id: id.clone(),
             name: name.to_owned(),
             kind: spec.kind,
@@ -384,7 +514,13 @@ impl Engine {
             subvolume_id,
             state: VolumeState::Ready,
             created_unix: now_unix(),
+            source,
+            mutable: BTreeMap::new(),
+            grow_fs_on_stage: origin.as_ref().is_some_and(|o| o.size < spec.capacity) && spec.kind == Kind::Fs,
         };
+        self.apply_mutable(&rec, &mutable)?;
+        rec.mutable = mutable;
+        crash::point("create_volume.after_backend");
         self.journal.put_volume(&rec)?;
         crash::point("create_volume.after_journal");
         let mut state = lock(&self.state);
@@ -392,6 +528,27 @@ impl Engine {
         state.records.volumes.insert(id, rec.clone());
         tracing::info!(capacity = rec.capacity, "volume created");
         Ok(rec)
+    }
+
+    /// Makes the backend of an empty volume; returns the subvolume id of a dir volume.
+    fn make_empty(&self, id: &VolumeId, spec: &spec::VolumeSpec) -> Result<Option<u64>> {
+        Ok(match spec.kind {
+            Kind::Dir => {
+                let pool = self.pool(&spec.pool)?;
+                let sub = self.host.btrfs_subvolume_create(&pool.volumes_dir(), id.as_str())?;
+                self.limit_new_subvolume(pool, id, sub, spec.capacity)?;
+                Some(sub)
+            }
+            Kind::Fs | Kind::Block => {
+                let pool = self.pool(&spec.pool)?;
+                self.host.create_image(&pool.image_path(id), spec.capacity, true)?;
+                None
+            }
+            Kind::Tmpfs => {
+                self.mount_tmpfs(id, spec.capacity)?;
+                None
+            }
+        })
     }
 
     fn existing_matches(
@@ -426,7 +583,7 @@ impl Engine {
         }
     }
 
-    fn check_room(&self, spec: &spec::VolumeSpec) -> Result<()> {
+    pub(crate) fn check_room(&self, spec: &spec::VolumeSpec) -> Result<()> {
         if spec.kind == Kind::Tmpfs {
             let (free, _) = self.capacity(Kind::Tmpfs, None)?;
             if spec.capacity > self.tmpfs_budget {
@@ -460,7 +617,7 @@ impl Engine {
         Ok(())
     }
 
-    fn mount_tmpfs(&self, id: &VolumeId, size: u64) -> Result<()> {
+    pub(crate) fn mount_tmpfs(&self, id: &VolumeId, size: u64) -> Result<()> {
         let path = self.tmpfs_path(id);
         self.host.create_dir_all(&path, 0o700)?;
         if self.mounted_at(&path)? {
@@ -662,6 +819,12 @@ impl Engine {
         let _span = tracing::info_span!("node_stage", volume_id = %rec.id).entered();
         self.host.prepare_target(staging_path, TargetKind::Directory)?;
         self.establish_stage(&rec, staging_path, &cap)?;
+        if rec.grow_fs_on_stage {
+            self.grow_fs(&rec)?;
+            let mut grown = rec.clone();
+            grown.grow_fs_on_stage = false;
+            self.save_volume(&grown)?;
+        }
         crash::point("node_stage.after_mount");
         let stage = StageRecord {
             volume_id: rec.id.clone(),
@@ -685,7 +848,10 @@ impl Engine {
                 self.bind_once(&self.tmpfs_path(&rec.id), staging_path, false, &[])?;
             }
             Kind::Block => {
-                self.attach_image(rec)?;
+                let device = self.attach_image(rec)?;
+                if spec::read_only_param(&rec.mutable) {
+                    self.host.set_block_read_only(&device, true)?;
+                }
                 crash::point("node_stage.after_attach");
             }
             Kind::Fs => {
@@ -711,7 +877,7 @@ impl Engine {
                     self.host.mount(&MountRequest {
                         source: MountSource::Device { device, fs },
                         target: private.clone(),
-                        read_only: false,
+                        read_only: spec::read_only_param(&rec.mutable),
                         options: fs_opts,
                     })?;
                 }
@@ -737,7 +903,7 @@ impl Engine {
         Ok(dev.device)
     }
 
-    fn loop_device_of(&self, rec: &VolumeRecord) -> Result<Option<PathBuf>> {
+    pub(crate) fn loop_device_of(&self, rec: &VolumeRecord) -> Result<Option<PathBuf>> {
         let image = self.pool(&rec.pool)?.image_path(&rec.id);
         Ok(self
             .host
@@ -856,7 +1022,13 @@ impl Engine {
                 staging_path.display()
             )));
         }
-        let read_only = read_only || cap.mode.read_only();
+        let read_only = read_only || cap.mode.read_only() || self.attached_read_only(&rec.id);
+        if let Some(other) = self.publisher_at(target).filter(|v| *v != rec.id) {
+            return Err(EngineError::FailedPrecondition(format!(
+                "{} is where volume {other} is published; unpublish it first",
+                target.display()
+            )));
+        }
         if let Some(p) = publishes.iter().find(|p| p.target_path == target) {
             if p.read_only == read_only && p.capability == cap {
                 return Ok(());
@@ -919,6 +1091,10 @@ impl Engine {
         let rec = self.volume(id)?;
         let _busy = self.try_busy(id)?;
         let _span = tracing::info_span!("node_unpublish", volume_id = %rec.id).entered();
+        if let Some(other) = self.publisher_at(target).filter(|v| *v != rec.id) {
+            tracing::warn!(%other, target = %target.display(), "unpublish names another volume's target; leaving it");
+            return Ok(());
+        }
         self.unmount_all(target)?;
         crash::point("node_unpublish.after_unmount");
         self.host.remove_target(target)?;

@@ -18,6 +18,9 @@ use berth_host::FileSystem;
 const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
 const STAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("stages");
 const PUBLISHES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("publishes");
+const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
+const GROUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("group_snapshots");
+const ATTACHMENTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("attachments");
 /// Qgroups of deleted subvolumes that the kernel would not drop yet: (pool, subvolume id).
 const RETIRED_QGROUPS: TableDefinition<(&str, u64), ()> = TableDefinition::new("retired_qgroups");
 
@@ -63,6 +66,63 @@ pub struct VolumeRecord {
     pub subvolume_id: Option<u64>,
     pub state: VolumeState,
     pub created_unix: u64,
+    /// What the volume was restored or cloned from.
+    #[serde(default)]
+    pub source: Option<ContentSource>,
+    /// ControllerModifyVolume parameters in force.
+    #[serde(default)]
+    pub mutable: BTreeMap<String, String>,
+    /// The image grew while no filesystem was mounted: grow the filesystem at the next stage.
+    #[serde(default)]
+    pub grow_fs_on_stage: bool,
+}
+
+/// The source of a restored or cloned volume.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContentSource {
+    Snapshot(String),
+    Volume(String),
+}
+
+/// One snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub id: VolumeId,
+    pub name: String,
+    pub source_volume_id: VolumeId,
+    pub kind: Kind,
+    /// Pool holding the snapshot (tmpfs snapshots are kept in the default pool).
+    pub pool: String,
+    pub fs: Option<FileSystem>,
+    /// The source volume's size: the smallest volume it can be restored into.
+    pub size: u64,
+    /// btrfs subvolume id of a dir or tmpfs snapshot.
+    pub subvolume_id: Option<u64>,
+    pub created_unix: u64,
+    pub created_nanos: u32,
+    /// The group snapshot this snapshot belongs to.
+    #[serde(default)]
+    pub group_id: Option<VolumeId>,
+}
+
+/// One volume group snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRecord {
+    pub id: VolumeId,
+    pub name: String,
+    pub snapshot_ids: Vec<VolumeId>,
+    pub created_unix: u64,
+    pub created_nanos: u32,
+}
+
+/// A volume made available to a node by ControllerPublishVolume.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachmentRecord {
+    pub volume_id: VolumeId,
+    pub node_id: String,
+    pub read_only: bool,
+    pub capability: Capability,
 }
 
 /// A volume staged on this node.
@@ -89,6 +149,9 @@ pub struct Records {
     pub stages: BTreeMap<VolumeId, StageRecord>,
     pub publishes: BTreeMap<(VolumeId, PathBuf), PublishRecord>,
     pub retired_qgroups: Vec<(String, u64)>,
+    pub snapshots: BTreeMap<VolumeId, SnapshotRecord>,
+    pub groups: BTreeMap<VolumeId, GroupRecord>,
+    pub attachments: BTreeMap<(VolumeId, String), AttachmentRecord>,
 }
 
 /// The durable journal.
@@ -112,6 +175,9 @@ impl Journal {
             txn.open_table(STAGES)?;
             txn.open_table(PUBLISHES)?;
             txn.open_table(RETIRED_QGROUPS)?;
+            txn.open_table(SNAPSHOTS)?;
+            txn.open_table(GROUPS)?;
+            txn.open_table(ATTACHMENTS)?;
             Ok(())
         })?;
         Ok(journal)
@@ -147,7 +213,83 @@ impl Journal {
             let (pool, id) = k.value();
             records.retired_qgroups.push((pool.to_owned(), id));
         }
+        let snapshots = txn.open_table(SNAPSHOTS).map_err(|e| self.err(e))?;
+        for entry in snapshots.iter().map_err(|e| self.err(e))? {
+            let (k, v) = entry.map_err(|e| self.err(e))?;
+            let rec: SnapshotRecord = decode(k.value(), v.value())?;
+            records.snapshots.insert(rec.id.clone(), rec);
+        }
+        let groups = txn.open_table(GROUPS).map_err(|e| self.err(e))?;
+        for entry in groups.iter().map_err(|e| self.err(e))? {
+            let (k, v) = entry.map_err(|e| self.err(e))?;
+            let rec: GroupRecord = decode(k.value(), v.value())?;
+            records.groups.insert(rec.id.clone(), rec);
+        }
+        let attachments = txn.open_table(ATTACHMENTS).map_err(|e| self.err(e))?;
+        for entry in attachments.iter().map_err(|e| self.err(e))? {
+            let (k, v) = entry.map_err(|e| self.err(e))?;
+            let rec: AttachmentRecord = decode(k.value().0, v.value())?;
+            records
+                .attachments
+                .insert((rec.volume_id.clone(), rec.node_id.clone()), rec);
+        }
         Ok(records)
+    }
+
+    pub fn put_snapshot(&self, rec: &SnapshotRecord) -> Result<(), JournalError> {
+        let value = encode(rec);
+        self.write(|txn| {
+            txn.open_table(SNAPSHOTS)?.insert(rec.id.as_str(), value.as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// Removes a snapshot's record, retiring its qgroup in the same transaction if needed.
+    pub fn delete_snapshot(&self, id: &VolumeId, retire: Option<(&str, u64)>) -> Result<(), JournalError> {
+        self.write(|txn| {
+            txn.open_table(SNAPSHOTS)?.remove(id.as_str())?;
+            if let Some(q) = retire {
+                txn.open_table(RETIRED_QGROUPS)?.insert(q, ())?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Commits a group snapshot and its member snapshots in one transaction.
+    pub fn put_group(&self, group: &GroupRecord, members: &[SnapshotRecord]) -> Result<(), JournalError> {
+        let value = encode(group);
+        let members: Vec<(String, Vec<u8>)> = members.iter().map(|m| (m.id.to_string(), encode(m))).collect();
+        self.write(|txn| {
+            txn.open_table(GROUPS)?.insert(group.id.as_str(), value.as_slice())?;
+            let mut snaps = txn.open_table(SNAPSHOTS)?;
+            for (id, v) in &members {
+                snaps.insert(id.as_str(), v.as_slice())?;
+            }
+            Ok(())
+        })
+    }
+
+    pub fn delete_group(&self, id: &VolumeId) -> Result<(), JournalError> {
+        self.write(|txn| {
+            txn.open_table(GROUPS)?.remove(id.as_str())?;
+            Ok(())
+        })
+    }
+
+    pub fn put_attachment(&self, rec: &AttachmentRecord) -> Result<(), JournalError> {
+        let value = encode(rec);
+        self.write(|txn| {
+            txn.open_table(ATTACHMENTS)?
+                .insert((rec.volume_id.as_str(), rec.node_id.as_str()), value.as_slice())?;
+            Ok(())
+        })
+    }
+
+    pub fn delete_attachment(&self, id: &VolumeId, node: &str) -> Result<(), JournalError> {
+        self.write(|txn| {
+            txn.open_table(ATTACHMENTS)?.remove((id.as_str(), node))?;
+            Ok(())
+        })
     }
 
     pub fn put_volume(&self, rec: &VolumeRecord) -> Result<(), JournalError> {
@@ -283,6 +425,9 @@ mod tests {
             subvolume_id: Some(257),
             state: VolumeState::Ready,
             created_unix: 1,
+            source: None,
+            mutable: BTreeMap::new(),
+            grow_fs_on_stage: false,
         };
         let stage = StageRecord {
             volume_id: id.clone(),

@@ -11,15 +11,21 @@
 //!
 //! All kernel access goes through [`berth_host::HostOps`].
 
+pub mod attach;
 pub mod crash;
 pub mod csi;
 pub mod engine;
+mod expand;
 pub mod id;
 pub mod journal;
 pub mod pool;
 mod reconcile;
+mod snapshot;
 pub mod spec;
 pub mod teardown;
 
 pub use csi::{BerthDriver, DRIVER_NAME, TOPOLOGY_KEY};
 pub use engine::{DEFAULT_POOL, Engine, EngineConfig, EngineError};
+
+#[cfg(test)]
+mod engine_tests;

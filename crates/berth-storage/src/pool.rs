@@ -49,6 +49,20 @@ impl Pool {
         self.root.join("images")
     }
 
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+
+    /// The read-only subvolume of a dir or tmpfs snapshot.
+    pub fn snapshot_subvolume_path(&self, id: &VolumeId) -> PathBuf {
+        self.snapshots_dir().join(id.as_str())
+    }
+
+    /// The image of an fs or block snapshot.
+    pub fn snapshot_image_path(&self, id: &VolumeId) -> PathBuf {
+        self.snapshots_dir().join(format!("{id}.img"))
+    }
+
     /// The subvolume of a dir volume.
     pub fn subvolume_path(&self, id: &VolumeId) -> PathBuf {
         self.volumes_dir().join(id.as_str())
@@ -111,6 +125,7 @@ impl Pool {
         };
         host.create_dir_all(&pool.volumes_dir(), 0o700).map_err(h)?;
         host.create_dir_all(&pool.images_dir(), 0o700).map_err(h)?;
+        host.create_dir_all(&pool.snapshots_dir(), 0o700).map_err(h)?;
         Ok(pool)
     }
 

@@ -27,7 +27,26 @@ type Owner<'a> = dyn Fn(&VolumeId) -> bool + 'a;
 
 impl Engine {
     pub(crate) fn reconcile(&self) -> Result<()> {
+        // 0. Forget stages and publishes whose paths are gone, so step 3 unmounts what they had.
         let records = self.records();
+        for stage in records.stages.values() {
+            if !self.host.exists(&stage.staging_path)? {
+                tracing::warn!(volume_id = %stage.volume_id, path = %stage.staging_path.display(), "staging path is gone; forgetting the stage");
+                self.forget_stage(&stage.volume_id)?;
+            }
+        }
+        let records = self.records();
+        for p in records.publishes.values() {
+            let parent_gone = match p.target_path.parent() {
+                Some(parent) => !self.host.exists(parent)?,
+                None => true,
+            };
+            if parent_gone || !records.stages.contains_key(&p.volume_id) {
+                tracing::warn!(volume_id = %p.volume_id, target = %p.target_path.display(), "publish target is gone; forgetting it");
+                self.journal.delete_publish(&p.volume_id, &p.target_path)?;
+                self.forget_publish(&p.volume_id, &p.target_path);
+            }
+        }
 
         // 1. Finish deletions.
         for rec in records.volumes.values().filter(|v| v.state == VolumeState::Deleting) {
@@ -37,6 +56,10 @@ impl Engine {
         let records = self.records();
         let live = |id: &str| VolumeId::parse(id).is_some_and(|id| records.volumes.contains_key(&id));
 
+        // 3 (first, while private mounts still tell whose device a bind shows). Mounts of our
+        // volumes that no record owns.
+        self.unmount_unrecorded()?;
+
         // 2. Orphaned backends.
         for pool in self.pools.values() {
             for name in self.host.list_dir(&pool.volumes_dir())? {
@@ -45,6 +68,24 @@ impl Engine {
                     let path = pool.volumes_dir().join(&name);
                     let sub = self.host.btrfs_subvolume_id(&path).ok();
                     self.host.btrfs_subvolume_delete(&pool.volumes_dir(), &name)?;
+                    if let Some(sub) = sub
+                        && self.host.btrfs_qgroup_destroy(&pool.root, sub).is_err()
+                    {
+                        self.retire_qgroup(&pool.name, sub)?;
+                    }
+                }
+            }
+            let snapshot_live = |id: &str| VolumeId::parse(id).is_some_and(|id| records.snapshots.contains_key(&id));
+            for name in self.host.list_dir(&pool.snapshots_dir())? {
+                if let Some(id) = name.strip_suffix(".img") {
+                    if !snapshot_live(id) {
+                        tracing::warn!(pool = %pool.name, image = %name, "removing a snapshot image no record owns");
+                        self.host.remove_file(&pool.snapshots_dir().join(&name))?;
+                    }
+                } else if !snapshot_live(&name) {
+                    tracing::warn!(pool = %pool.name, subvolume = %name, "removing a snapshot no record owns");
+                    let sub = self.host.btrfs_subvolume_id(&pool.snapshots_dir().join(&name)).ok();
+                    self.host.btrfs_subvolume_delete(&pool.snapshots_dir(), &name)?;
                     if let Some(sub) = sub
                         && self.host.btrfs_qgroup_destroy(&pool.root, sub).is_err()
                     {
@@ -87,9 +128,6 @@ impl Engine {
             }
         }
 
-        // 3. Mounts of our volumes that no record owns.
-        self.unmount_unrecorded()?;
-
         // 4. Re-make recorded state that the kernel lost.
         let records = self.records();
         for rec in records.volumes.values() {
@@ -102,30 +140,14 @@ impl Engine {
             let Some(rec) = records.volumes.get(&stage.volume_id) else {
                 continue;
             };
-            if !self.host.exists(&stage.staging_path)? {
-                tracing::warn!(volume_id = %rec.id, path = %stage.staging_path.display(), "staging path is gone; forgetting the stage");
-                self.forget_stage(&rec.id)?;
-                continue;
-            }
             if let Err(e) = self.establish_stage(rec, &stage.staging_path, &stage.capability) {
                 tracing::error!(volume_id = %rec.id, error = %e, "could not re-stage a volume");
             }
         }
-        let records = self.records();
         for p in records.publishes.values() {
             let Some(rec) = records.volumes.get(&p.volume_id) else {
                 continue;
             };
-            let parent_gone = match p.target_path.parent() {
-                Some(parent) => !self.host.exists(parent)?,
-                None => true,
-            };
-            if parent_gone || !records.stages.contains_key(&rec.id) {
-                tracing::warn!(volume_id = %rec.id, target = %p.target_path.display(), "publish target is gone; forgetting it");
-                self.journal.delete_publish(&rec.id, &p.target_path)?;
-                self.forget_publish(&rec.id, &p.target_path);
-                continue;
-            }
             if let Err(e) = self.establish_publish(rec, &p.target_path, &p.capability, p.read_only) {
                 tracing::error!(volume_id = %rec.id, error = %e, "could not re-publish a volume");
             }

@@ -315,6 +315,48 @@ pub fn size_for(kind: Kind, fs: Option<FileSystem>, range: CapacityRange) -> Res
     Ok(size)
 }
 
+/// Mutable parameters each kind honours (ControllerModifyVolume, and CreateVolume's
+/// mutable_parameters), with the values allowed.
+pub fn check_mutable(kind: Kind, params: &BTreeMap<String, String>) -> Result<(), SpecError> {
+    let allowed: &[&str] = match kind {
+        Kind::Dir => &["compression"],
+        Kind::Fs | Kind::Block => &["readOnly"],
+        Kind::Tmpfs => &["inodeLimit"],
+    };
+    for (k, v) in params {
+        let field = format!("mutable_parameters.{k}");
+        if !allowed.contains(&k.as_str()) {
+            return Err(invalid(
+                &field,
+                format!(
+                    "not a mutable parameter of kind={} volumes; valid: {allowed:?}",
+                    kind.as_str()
+                ),
+            ));
+        }
+        let ok = match k.as_str() {
+            "compression" => matches!(v.as_str(), "none" | "zstd" | "lzo" | "zlib"),
+            "readOnly" => matches!(v.as_str(), "true" | "false"),
+            "inodeLimit" => v.parse::<u64>().is_ok_and(|n| n > 0),
+            _ => false,
+        };
+        if !ok {
+            let want = match k.as_str() {
+                "compression" => "none, zstd, lzo or zlib",
+                "readOnly" => "true or false",
+                _ => "a positive integer",
+            };
+            return Err(invalid(&field, format!("{v:?} is not valid; use {want}")));
+        }
+    }
+    Ok(())
+}
+
+/// Whether a `readOnly` mutable parameter is set to true.
+pub fn read_only_param(params: &BTreeMap<String, String>) -> bool {
+    params.get("readOnly").is_some_and(|v| v == "true")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -404,7 +446,7 @@ mod tests {
     #[case(Kind::Block, None, 1000, 0, Ok(4096))]
     #[case(Kind::Block, None, 64 * MIB, 64 * MIB, Ok(64 * MIB))]
     #[case(Kind::Tmpfs, None, 5000, 8192, Ok(8192))]
-    #[case(Kind::Fs, Some(FileSystem::Xfs), 64 * MIB, 0, Ok(300_003_328))]
+    #[case(Kind::Fs, Some(FileSystem::Xfs), 64 * MIB, 0, Ok(314_572_800))]
     #[case(Kind::Fs, Some(FileSystem::Ext4), 64 * MIB, 64 * MIB, Ok(64 * MIB))]
     fn sizes(
         #[case] kind: Kind,
@@ -434,6 +476,19 @@ mod tests {
         assert!(matches!(size_for(Kind::Block, None, r), Err(SpecError::OutOfRange(_))));
         let r = CapacityRange { required: 10, limit: 5 };
         assert!(matches!(size_for(Kind::Dir, None, r), Err(SpecError::Invalid { .. })));
+    }
+
+    #[rstest]
+    #[case(Kind::Dir, "compression", "zstd", true)]
+    #[case(Kind::Dir, "compression", "brotli", false)]
+    #[case(Kind::Dir, "readOnly", "true", false)]
+    #[case(Kind::Block, "readOnly", "true", true)]
+    #[case(Kind::Fs, "readOnly", "yes", false)]
+    #[case(Kind::Tmpfs, "inodeLimit", "1000", true)]
+    #[case(Kind::Tmpfs, "inodeLimit", "0", false)]
+    #[case(Kind::Tmpfs, "colour", "blue", false)]
+    fn mutable_parameters(#[case] kind: Kind, #[case] k: &str, #[case] v: &str, #[case] ok: bool) {
+        assert_eq!(check_mutable(kind, &params(&[(k, v)])).is_ok(), ok);
     }
 
     #[test]

@@ -30,12 +30,16 @@ enum LogFormat {
     Json,
 }
 
-/// Options shared by every role that owns a data dir.
-#[derive(Debug, clap::Args)]
-struct NodeOpts {
-    /// Where Berth keeps its journal and its default pool.
-    #[arg(long, default_value = "/var/lib/berth", env = "BERTH_DATA_DIR")]
-    data_dir: PathBuf,
+/// Options shared by every role that owns a data dir. Flags override the config file.
+#[derive(Debug, Default, clap::Args)]
+pub(crate) struct NodeOpts {
+    /// A YAML config file (see docs/config.md): dataDir, nodeId, pools, defaultPoolSize,
+    /// tmpfsBudget, maxVolumesPerNode.
+    #[arg(long, env = "BERTH_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where Berth keeps its journal and its default pool [default: /var/lib/berth].
+    #[arg(long, env = "BERTH_DATA_DIR")]
+    data_dir: Option<PathBuf>,
     /// This node's name (topology `topology.berth.dev/node`). Default: the host name.
     #[arg(long, env = "BERTH_NODE_ID")]
     node_id: Option<String>,
@@ -51,8 +55,59 @@ struct NodeOpts {
     #[arg(long, value_parser = parse_size)]
     tmpfs_budget: Option<u64>,
     /// Volumes this node accepts (0: no limit), reported in NodeGetInfo.
-    #[arg(long, default_value_t = 0)]
-    max_volumes_per_node: i64,
+    #[arg(long)]
+    max_volumes_per_node: Option<i64>,
+}
+
+/// The config file. Unknown keys are refused, so a typo is not silently ignored.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ConfigFile {
+    data_dir: Option<PathBuf>,
+    node_id: Option<String>,
+    #[serde(default)]
+    pools: Vec<PoolEntry>,
+    default_pool_size: Option<String>,
+    tmpfs_budget: Option<String>,
+    max_volumes_per_node: Option<i64>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PoolEntry {
+    name: String,
+    path: PathBuf,
+}
+
+impl NodeOpts {
+    /// Applies the config file under the flags.
+    fn merged(mut self) -> Result<NodeOpts> {
+        let Some(path) = self.config.take() else { return Ok(self) };
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let file: ConfigFile =
+            serde_saphyr::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let size = |field: &str, v: Option<String>| -> Result<Option<u64>> {
+            v.map(|v| parse_size(&v).map_err(|e| anyhow::anyhow!("{}: {field}: {e}", path.display())))
+                .transpose()
+        };
+        let mut pools = Vec::new();
+        for p in file.pools {
+            pools.push(
+                parse_pool(&format!("{}={}", p.name, p.path.display()))
+                    .map_err(|e| anyhow::anyhow!("{}: pools: {e}", path.display()))?,
+            );
+        }
+        pools.append(&mut self.pools);
+        Ok(NodeOpts {
+            config: None,
+            data_dir: self.data_dir.or(file.data_dir),
+            node_id: self.node_id.or(file.node_id),
+            pools,
+            default_pool_size: self.default_pool_size.or(size("defaultPoolSize", file.default_pool_size)?),
+            tmpfs_budget: self.tmpfs_budget.or(size("tmpfsBudget", file.tmpfs_budget)?),
+            max_volumes_per_node: self.max_volumes_per_node.or(file.max_volumes_per_node),
+        })
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -72,6 +127,14 @@ enum Command {
     },
     /// Measure CSI call latencies and the data path; prints figures.
     Bench(bench::BenchArgs),
+    /// Serve the Docker volume-plugin protocol (`docker volume create -d berth`).
+    DockerPlugin {
+        /// The unix socket Docker finds the plugin at (mode 0600; the parent is created).
+        #[arg(long, default_value = berth_docker::DEFAULT_SOCKET, env = "BERTH_DOCKER_SOCKET")]
+        socket: PathBuf,
+        #[command(flatten)]
+        node: NodeOpts,
+    },
 }
 
 fn parse_pool(s: &str) -> Result<(String, PathBuf), String> {
@@ -114,12 +177,13 @@ fn init_logging(format: LogFormat) {
 }
 
 pub(crate) fn engine_config(node: NodeOpts) -> Result<EngineConfig> {
-    std::fs::create_dir_all(&node.data_dir)
-        .with_context(|| format!("creating data dir {}", node.data_dir.display()))?;
+    let node = node.merged()?;
+    let data_dir = node.data_dir.unwrap_or_else(|| PathBuf::from("/var/lib/berth"));
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating data dir {}", data_dir.display()))?;
     // Paths are compared with what the kernel reports (mountinfo, loop backing files), which
     // are canonical.
-    let data_dir = std::fs::canonicalize(&node.data_dir)
-        .with_context(|| format!("resolving data dir {}", node.data_dir.display()))?;
+    let data_dir =
+        std::fs::canonicalize(&data_dir).with_context(|| format!("resolving data dir {}", data_dir.display()))?;
     let node_id = match node.node_id {
         Some(n) => n,
         None => rustix::system::uname().nodename().to_string_lossy().into_owned(),
@@ -138,7 +202,7 @@ pub(crate) fn engine_config(node: NodeOpts) -> Result<EngineConfig> {
         pools,
         pool_image_size: node.default_pool_size,
         tmpfs_budget: node.tmpfs_budget,
-        max_volumes_per_node: node.max_volumes_per_node,
+        max_volumes_per_node: node.max_volumes_per_node.unwrap_or(0),
     })
 }
 
@@ -147,6 +211,22 @@ pub(crate) fn open_engine(cfg: EngineConfig) -> Result<Arc<Engine>> {
     Ok(Arc::new(
         Engine::open(host, cfg).context("starting the storage engine")?,
     ))
+}
+
+/// `berth docker-plugin`: the engine served to Docker until SIGTERM; mounts stay (containers
+/// may be running), and the next start picks up the recorded mount counts.
+fn docker_plugin(socket: PathBuf, node: NodeOpts) -> Result<()> {
+    let engine = open_engine(engine_config(node)?)?;
+    let plugin = Arc::new(berth_docker::open(engine).context("opening the Docker plugin state")?);
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let listener = berth_docker::bind(&socket)?;
+        tracing::info!(socket = %socket.display(), "serving the Docker volume plugin");
+        berth_docker::serve(listener, plugin, shutdown_signal()).await;
+        // Docker finds plugins by their socket: leave none behind that answers nothing.
+        let _ = std::fs::remove_file(&socket);
+        Ok(())
+    })
 }
 
 async fn shutdown_signal() {
@@ -184,6 +264,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench::run(args),
+        Command::DockerPlugin { socket, node } => docker_plugin(socket, node),
     }
 }
 
@@ -199,6 +280,32 @@ mod tests {
         assert!(parse_size("4X").is_err());
         assert!(parse_size("").is_err());
         assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn config_file_fills_in_under_the_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("berth.yaml");
+        std::fs::write(
+            &path,
+            "dataDir: /srv/berth\nnodeId: n7\ndefaultPoolSize: 8G\npools:\n  - name: fast\n    path: /mnt/fast\n",
+        )
+        .unwrap();
+        let opts = NodeOpts {
+            config: Some(path.clone()),
+            node_id: Some("flag-wins".into()),
+            ..NodeOpts::default()
+        }
+        .merged()
+        .unwrap();
+        assert_eq!(opts.data_dir, Some(PathBuf::from("/srv/berth")));
+        assert_eq!(opts.node_id.as_deref(), Some("flag-wins"));
+        assert_eq!(opts.default_pool_size, Some(8 << 30));
+        assert_eq!(opts.pools, vec![("fast".to_owned(), PathBuf::from("/mnt/fast"))]);
+
+        std::fs::write(&path, "dataDir: /x\ncolour: blue\n").unwrap();
+        let err = NodeOpts { config: Some(path), ..NodeOpts::default() }.merged().unwrap_err();
+        assert!(err.to_string().contains("colour"), "{err}");
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! btrfs subvolumes and qgroups through the btrfs ioctls (no `btrfs` CLI).
+//! btrfs subvolumes, snapshots, qgroups and online resize through the btrfs ioctls (no `btrfs`
+//! CLI).
 //!
 //! The argument structures and ioctl numbers are transcribed from the kernel's
 //! `include/uapi/linux/btrfs.h` and `btrfs_tree.h`; their sizes are checked at compile time.
@@ -7,7 +8,7 @@
 //! transaction commit (see [`sync`]).
 
 use std::mem::size_of;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
@@ -28,7 +29,11 @@ const QGROUP_LIMIT_MAX_RFER: u64 = 1;
 const CLEAR_VALUE: u64 = u64::MAX;
 const VOL_NAME_MAX: usize = 255;
 
+/// `BTRFS_SUBVOL_RDONLY`, in `btrfs_ioctl_vol_args_v2.flags`.
+const SUBVOL_RDONLY: u64 = 1 << 1;
+
 const PATH_NAME_MAX: usize = 4087;
+const SUBVOL_NAME_MAX: usize = 4039;
 const INO_LOOKUP_PATH_MAX: usize = 4080;
 const SEARCH_ARGS_BUFSIZE: usize = 4096 - size_of::<SearchKey>();
 
@@ -37,6 +42,17 @@ const SEARCH_ARGS_BUFSIZE: usize = 4096 - size_of::<SearchKey>();
 struct VolArgs {
     fd: i64,
     name: [u8; PATH_NAME_MAX + 1],
+}
+
+/// `struct btrfs_ioctl_vol_args_v2` (the `size`/`qgroup_inherit` union is left zero: the new
+/// subvolume gets a fresh level-0 qgroup and inherits no limit).
+#[repr(C)]
+struct VolArgsV2 {
+    fd: i64,
+    transid: u64,
+    flags: u64,
+    unused: [u64; 4],
+    name: [u8; SUBVOL_NAME_MAX + 1],
 }
 
 /// `struct btrfs_ioctl_ino_lookup_args`
@@ -110,16 +126,19 @@ struct QgroupLimitArgs {
 }
 
 const _: () = assert!(size_of::<VolArgs>() == 4096);
+const _: () = assert!(size_of::<VolArgsV2>() == 4096);
 const _: () = assert!(size_of::<InoLookupArgs>() == 4096);
 const _: () = assert!(size_of::<SearchKey>() == 104);
 const _: () = assert!(size_of::<SearchArgs>() == 4096);
 const _: () = assert!(size_of::<QgroupLimitArgs>() == 48);
 
+const IOC_RESIZE: ioctl::Opcode = opcode::write::<VolArgs>(MAGIC, 3);
 const IOC_SYNC: ioctl::Opcode = opcode::none(MAGIC, 8);
 const IOC_SUBVOL_CREATE: ioctl::Opcode = opcode::write::<VolArgs>(MAGIC, 14);
 const IOC_SNAP_DESTROY: ioctl::Opcode = opcode::write::<VolArgs>(MAGIC, 15);
 const IOC_TREE_SEARCH: ioctl::Opcode = opcode::read_write::<SearchArgs>(MAGIC, 17);
 const IOC_INO_LOOKUP: ioctl::Opcode = opcode::read_write::<InoLookupArgs>(MAGIC, 18);
+const IOC_SNAP_CREATE_V2: ioctl::Opcode = opcode::write::<VolArgsV2>(MAGIC, 23);
 const IOC_QUOTA_CTL: ioctl::Opcode = opcode::read_write::<QuotaCtlArgs>(MAGIC, 40);
 const IOC_QGROUP_CREATE: ioctl::Opcode = opcode::write::<QgroupCreateArgs>(MAGIC, 42);
 // The kernel declares QGROUP_LIMIT as _IOR although it only reads the argument.
@@ -134,7 +153,8 @@ fn open_dir(op: &'static str, path: &Path) -> Result<OwnedFd> {
     .map_err(|e| HostError::io(op, path, e))
 }
 
-fn vol_args(op: &'static str, path: &Path, name: &str) -> Result<Box<VolArgs>> {
+/// A single path component of at most 255 bytes, as the kernel takes for a subvolume name.
+fn check_name(op: &'static str, path: &Path, name: &str) -> Result<()> {
     let bytes = name.as_bytes();
     if bytes.is_empty()
         || bytes.len() > VOL_NAME_MAX
@@ -148,6 +168,12 @@ fn vol_args(op: &'static str, path: &Path, name: &str) -> Result<Box<VolArgs>> {
             reason: format!("{op}: {name:?} is not a valid subvolume name"),
         });
     }
+    Ok(())
+}
+
+fn vol_args(op: &'static str, path: &Path, name: &str) -> Result<Box<VolArgs>> {
+    check_name(op, path, name)?;
+    let bytes = name.as_bytes();
     let mut args = Box::new(VolArgs {
         fd: 0,
         name: [0; PATH_NAME_MAX + 1],
@@ -242,6 +268,86 @@ pub(super) fn subvolume_delete(parent: &Path, name: &str) -> Result<()> {
         Ok(()) | Err(Errno::NOENT) => Ok(()),
         Err(e) => Err(HostError::io(OP, &path, e)),
     }
+}
+
+/// Opens `path` as a subvolume root (inode 256), refusing anything else: the snapshot ioctl
+/// would otherwise quietly snapshot the whole subvolume that contains the directory.
+fn open_subvolume_root(op: &'static str, path: &Path) -> Result<OwnedFd> {
+    let fd = open_dir(op, path)?;
+    let st = rustix::fs::fstat(&fd).map_err(|e| HostError::io(op, path, e))?;
+    if st.st_ino != FIRST_FREE_OBJECTID {
+        return Err(HostError::WrongType {
+            path: path.to_owned(),
+            reason: "is not the root of a btrfs subvolume".into(),
+        });
+    }
+    Ok(fd)
+}
+
+pub(super) fn snapshot(source: &Path, dest_parent: &Path, name: &str, read_only: bool) -> Result<u64> {
+    const OP: &str = "btrfs snapshot";
+    let path = dest_parent.join(name);
+    check_name(OP, &path, name)?;
+    let dir = open_dir(OP, dest_parent)?;
+    let open_existing = |dir: &OwnedFd| -> Result<Option<u64>> {
+        if subvolume_at(OP, dir, &path, name)?.is_none() {
+            return Ok(None);
+        }
+        let sub = rustix::fs::openat(
+            dir,
+            name,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| HostError::io(OP, &path, e))?;
+        tree_id(OP, &sub, &path).map(Some)
+    };
+    // Retried after a crash: the snapshot is there already (the source may be gone by now).
+    if let Some(id) = open_existing(&dir)? {
+        return Ok(id);
+    }
+    let src = open_subvolume_root(OP, source)?;
+    let mut args = Box::new(VolArgsV2 {
+        fd: i64::from(src.as_raw_fd()),
+        transid: 0,
+        flags: if read_only { SUBVOL_RDONLY } else { 0 },
+        unused: [0; 4],
+        name: [0; SUBVOL_NAME_MAX + 1],
+    });
+    let bytes = name.as_bytes();
+    args.name[..bytes.len()].copy_from_slice(bytes);
+    // SAFETY: IOC_SNAP_CREATE_V2 takes a `struct btrfs_ioctl_vol_args_v2`, which `VolArgsV2`
+    // reproduces (size checked above); the name is NUL-terminated by the zeroed tail (it is at
+    // most 255 bytes), and `fd` is an open descriptor of the source that outlives the call.
+    let created = unsafe { ioctl::ioctl(&dir, Updater::<IOC_SNAP_CREATE_V2, VolArgsV2>::new(&mut args)) };
+    match created {
+        Ok(()) | Err(Errno::EXIST) => {}
+        Err(e) => return Err(HostError::io(OP, &path, e)),
+    }
+    match open_existing(&dir)? {
+        Some(id) => {
+            tracing::debug!(source = %source.display(), dest = %path.display(), id, read_only, "snapshot created");
+            Ok(id)
+        }
+        // Deleted between the create and the check: report it rather than guess.
+        None => Err(HostError::io(OP, &path, Errno::NOENT)),
+    }
+}
+
+/// `BTRFS_IOC_RESIZE` to `max` of device 1: the filesystem grows to fill its (single) device.
+/// Already at the maximum is success.
+pub(super) fn resize_max(mount: &Path) -> Result<()> {
+    const OP: &str = "btrfs resize";
+    let fd = open_dir(OP, mount)?;
+    let mut args = Box::new(VolArgs {
+        fd: 0,
+        name: [0; PATH_NAME_MAX + 1],
+    });
+    args.name[..3].copy_from_slice(b"max");
+    // SAFETY: IOC_RESIZE takes a `struct btrfs_ioctl_vol_args` (size checked above) whose name
+    // holds the NUL-terminated size string.
+    unsafe { ioctl::ioctl(&fd, Updater::<IOC_RESIZE, VolArgs>::new(&mut args)) }
+        .map_err(|e| HostError::io(OP, mount, e))
 }
 
 pub(super) fn quota_enable(mount: &Path) -> Result<()> {
@@ -421,6 +527,8 @@ mod tests {
         assert_eq!(IOC_QGROUP_CREATE as u64, 0x4010_942a);
         assert_eq!(IOC_QGROUP_LIMIT as u64, 0x8030_942b);
         assert_eq!(IOC_SYNC as u64, 0x9408);
+        assert_eq!(IOC_RESIZE as u64, 0x5000_9403);
+        assert_eq!(IOC_SNAP_CREATE_V2 as u64, 0x5000_9417);
     }
 
     #[test]

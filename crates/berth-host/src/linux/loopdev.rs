@@ -1,4 +1,5 @@
-//! Loop devices: attach with `LOOP_CONFIGURE`, detach with `LOOP_CLR_FD`, list from sysfs.
+//! Loop devices: attach with `LOOP_CONFIGURE`, detach with `LOOP_CLR_FD`, resize with
+//! `LOOP_SET_CAPACITY`, list from sysfs.
 //!
 //! Attaching races with every other attacher on the host (losetup, mount -o loop, other Berth
 //! threads): a device handed out by `LOOP_CTL_GET_FREE` may be taken before we configure it, so
@@ -18,6 +19,7 @@ use rustix::ioctl::{self, NoArg, Updater};
 use crate::{HostError, LoopDevice, LoopOptions, Result};
 
 const LOOP_CLR_FD: ioctl::Opcode = 0x4C01;
+const LOOP_SET_CAPACITY: ioctl::Opcode = 0x4C07;
 const LOOP_CONFIGURE: ioctl::Opcode = 0x4C0A;
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 
@@ -164,6 +166,9 @@ pub(super) fn attach(backing: &Path, options: LoopOptions) -> Result<(LoopDevice
             let r = unsafe { ioctl::ioctl(&dev_fd, Updater::<LOOP_CONFIGURE, LoopConfig>::new(&mut config)) };
             match r {
                 Ok(()) => {
+                    if !options.read_only {
+                        clear_stale_read_only(&dev_fd, &device);
+                    }
                     return Ok(finish(number, device, backing, options, want_dio, dev_fd));
                 }
                 Err(Errno::BUSY) => {
@@ -182,6 +187,14 @@ pub(super) fn attach(backing: &Path, options: LoopOptions) -> Result<(LoopDevice
         }
     }
     Err(last_busy.unwrap_or_else(|| HostError::io(OP, backing, Errno::BUSY)))
+}
+
+/// A BLKROSET left on the device by its previous user (the flag survives LOOP_CLR_FD) would
+/// make this read-write attachment refuse every write with EPERM.
+fn clear_stale_read_only(dev_fd: &OwnedFd, device: &Path) {
+    if let Err(e) = super::device::set_read_only_fd(dev_fd, false) {
+        tracing::warn!(device = %device.display(), "could not clear the read-only flag of the loop device: {e}");
+    }
 }
 
 fn finish(
@@ -238,7 +251,12 @@ pub(super) fn detach(device: &Path) -> Result<()> {
         });
     }
     // SAFETY: LOOP_CLR_FD takes no argument.
-    match unsafe { ioctl::ioctl(&fd, NoArg::<LOOP_CLR_FD>::new()) } {
+    let cleared = unsafe { ioctl::ioctl(&fd, NoArg::<LOOP_CLR_FD>::new()) };
+    if cleared.is_ok() {
+        // Do not hand a read-only flag (set_block_read_only) on to the device's next user.
+        let _ = super::device::set_read_only_fd(&fd, false);
+    }
+    match cleared {
         // ENXIO: not attached. A device still open elsewhere (mounted) is detached by the kernel
         // on its last close.
         Ok(()) | Err(Errno::NXIO) => Ok(()),
@@ -246,6 +264,22 @@ pub(super) fn detach(device: &Path) -> Result<()> {
             path: device.to_owned(),
             reason: "is not a loop device".into(),
         }),
+        Err(e) => Err(HostError::io(OP, device, e)),
+    }
+}
+
+/// Makes the device re-read its backing file's size (after the file grew).
+pub(super) fn set_capacity(device: &Path) -> Result<()> {
+    const OP: &str = "loop set capacity";
+    let fd = super::device::open_block_device(OP, device)?;
+    // SAFETY: LOOP_SET_CAPACITY takes no argument.
+    match unsafe { ioctl::ioctl(&fd, NoArg::<LOOP_SET_CAPACITY>::new()) } {
+        Ok(()) => Ok(()),
+        Err(Errno::NOTTY | Errno::INVAL) => Err(HostError::WrongType {
+            path: device.to_owned(),
+            reason: "is not a loop device".into(),
+        }),
+        // ENXIO: nothing is attached to it.
         Err(e) => Err(HostError::io(OP, device, e)),
     }
 }

@@ -4,7 +4,8 @@
 //! clone → mount_setattr for a bind) and then attached with move_mount to a target that was
 //! opened with `O_PATH | O_NOFOLLOW`: the target is checked and used through the same fd, so a
 //! symlink swapped in at the last component can never redirect the mount. Nothing is attached
-//! when any step fails.
+//! when any step fails. An existing mount is changed in place with fspick → fsconfig →
+//! `FSCONFIG_CMD_RECONFIGURE` (filesystem parameters) and mount_setattr (mount attributes).
 
 use std::mem::size_of;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -12,7 +13,9 @@ use std::path::Path;
 
 use rustix::fs::{CWD, FileType, Mode, OFlags};
 use rustix::io::Errno;
-use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, OpenTreeFlags, UnmountFlags};
+use rustix::mount::{
+    FsMountFlags, FsOpenFlags, FsPickFlags, MountAttrFlags, MoveMountFlags, OpenTreeFlags, UnmountFlags,
+};
 
 use crate::{HostError, MountRequest, MountSource, Result, Unmounted};
 
@@ -226,6 +229,49 @@ fn mount_setattr(fd: &OwnedFd, set: u64, clr: u64) -> std::io::Result<()> {
     } else {
         Ok(())
     }
+}
+
+/// Sets filesystem parameters (`size=2M`, `nr_inodes=100`) of the filesystem mounted at
+/// `mount` and reconfigures it; mount attributes among `options` (`ro`/`rw`, `nosuid`,
+/// `noatime`, ...) are applied to this mount only, as [`mount`] does.
+pub(super) fn reconfigure(mount: &Path, options: &[String]) -> Result<()> {
+    let split = split_options(options, false);
+    if !split.fs.is_empty() {
+        // fspick refuses (EINVAL) anything but the root of a mount; a final symlink is not
+        // followed.
+        let fs_fd = rustix::mount::fspick(
+            CWD,
+            mount,
+            FsPickFlags::FSPICK_CLOEXEC | FsPickFlags::FSPICK_SYMLINK_NOFOLLOW | FsPickFlags::FSPICK_NO_AUTOMOUNT,
+        )
+        .map_err(|e| HostError::io("reconfigure: fspick", mount, e))?;
+        let configure = || -> std::result::Result<(), (&'static str, Errno)> {
+            for (key, value) in &split.fs {
+                match value {
+                    Some(v) => rustix::mount::fsconfig_set_string(&fs_fd, key.as_str(), v.as_str()),
+                    None => rustix::mount::fsconfig_set_flag(&fs_fd, key.as_str()),
+                }
+                .map_err(|e| ("reconfigure: fsconfig option", e))?;
+            }
+            rustix::mount::fsconfig_reconfigure(&fs_fd).map_err(|e| ("reconfigure: fsconfig reconfigure", e))
+        };
+        if let Err((op, e)) = configure() {
+            let log = kernel_log(&fs_fd);
+            tracing::warn!(mount = %mount.display(), ?options, kernel = %log, "{op} failed: {e}");
+            return Err(HostError::io(op, mount, e));
+        }
+    }
+    let (set, mut clr) = split.attributes();
+    let rw = options.iter().flat_map(|o| o.split(',')).any(|o| o.trim() == "rw");
+    if rw && !split.read_only {
+        clr |= ATTR_RDONLY;
+    }
+    if set != 0 || clr != 0 {
+        let fd = open_target(mount)?;
+        mount_setattr(&fd, set, clr).map_err(|e| HostError::io("reconfigure: mount_setattr", mount, e))?;
+    }
+    tracing::debug!(mount = %mount.display(), ?options, "reconfigured");
+    Ok(())
 }
 
 pub(super) fn unmount(target: &Path) -> Result<Unmounted> {
