@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Installs, idempotently, everything Berth's tests need on a Debian 12 machine (run as root):
+# Debian packages, csi-sanity v5.5.0, rustfmt and clippy, and the kernel modules for loop devices
+# and the filesystems the engine uses. Fails loudly when something cannot be had.
+set -euo pipefail
+
+CSI_SANITY_MODULE=github.com/kubernetes-csi/csi-test/v5
+CSI_SANITY_VERSION=v5.5.0
+
+die() {
+    echo "ci-install: ERROR: $*" >&2
+    exit 1
+}
+say() { echo "ci-install: $*"; }
+
+# --- Debian packages -------------------------------------------------------------------------
+# util-linux: mount, umount, losetup; kmod: modprobe; python3: the junit summary; shellcheck:
+# lints the scripts; procps: ps/kill; ca-certificates: HTTPS to the package registries.
+packages=(btrfs-progs xfsprogs e2fsprogs util-linux mount fio busybox-static kmod python3 shellcheck procps ca-certificates)
+
+missing=()
+for pkg in "${packages[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
+        missing+=("$pkg")
+    fi
+done
+if ((${#missing[@]} > 0)); then
+    [[ $(id -u) -eq 0 ]] || die "missing Debian packages (${missing[*]}) and not root: run as root"
+    say "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q || die "apt-get update failed"
+    apt-get install -y -q --no-install-recommends "${missing[@]}" || die "apt-get install ${missing[*]} failed"
+else
+    say "Debian packages present"
+fi
+for tool in mkfs.btrfs btrfs mkfs.xfs mkfs.ext4 losetup mount umount fio busybox python3 shellcheck; do
+    command -v "$tool" >/dev/null || die "$tool not on PATH after installing packages"
+done
+
+# --- Rust toolchain --------------------------------------------------------------------------
+command -v cargo >/dev/null || die "cargo not found: install a Rust toolchain (rustup) first"
+if command -v rustup >/dev/null; then
+    installed=$(rustup component list --installed)
+    for comp in rustfmt clippy; do
+        if ! grep -q "^$comp" <<<"$installed"; then
+            say "adding rustup component $comp"
+            rustup component add "$comp" || die "rustup component add $comp failed"
+        fi
+    done
+fi
+cargo fmt --version >/dev/null 2>&1 || die "cargo fmt is not available"
+cargo clippy --version >/dev/null 2>&1 || die "cargo clippy is not available"
+
+# --- csi-sanity ------------------------------------------------------------------------------
+if ! command -v go >/dev/null && [[ -x /usr/local/go/bin/go ]]; then
+    export PATH=/usr/local/go/bin:$PATH
+fi
+command -v go >/dev/null || die "go not found: csi-sanity $CSI_SANITY_VERSION needs Go >= 1.25"
+# Never download a Go toolchain; the local one must be new enough.
+export GOTOOLCHAIN=local
+gobin=$(go env GOBIN)
+[[ -n $gobin ]] || gobin=$(go env GOPATH)/bin
+sanity=$gobin/csi-sanity
+
+sanity_version() {
+    go version -m "$1" 2>/dev/null | awk -v m="$CSI_SANITY_MODULE" '$1 == "mod" && $2 == m { print $3 }'
+}
+if [[ -x $sanity && $(sanity_version "$sanity") == "$CSI_SANITY_VERSION" ]]; then
+    say "csi-sanity $CSI_SANITY_VERSION present at $sanity"
+else
+    say "installing csi-sanity $CSI_SANITY_VERSION"
+    go install "$CSI_SANITY_MODULE/cmd/csi-sanity@$CSI_SANITY_VERSION" ||
+        die "go install csi-sanity@$CSI_SANITY_VERSION failed ($(go version))"
+    [[ $(sanity_version "$sanity") == "$CSI_SANITY_VERSION" ]] ||
+        die "$sanity does not report $CSI_SANITY_VERSION after go install"
+fi
+
+# --- Kernel: loop devices and filesystems ----------------------------------------------------
+if [[ ! -e /dev/loop-control ]]; then
+    say "loading the loop module"
+    modprobe loop 2>/dev/null || true
+fi
+[[ -c /dev/loop-control ]] || die "/dev/loop-control is missing and 'modprobe loop' did not create it"
+for fs in btrfs xfs ext4 tmpfs; do
+    if ! grep -qw "$fs" /proc/filesystems; then
+        modprobe "$fs" 2>/dev/null || true
+        grep -qw "$fs" /proc/filesystems || die "the kernel does not support $fs (modprobe $fs failed)"
+    fi
+done
+say "ready"

@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# THE test command of Berth (what `.ci/run` runs). As root on Debian 12:
+#   1. installs what the tests need (scripts/ci-install.sh) and clears what earlier runs left;
+#   2. lints: shellcheck, cargo fmt --check, cargo clippy -D warnings;
+#   3. builds `berth` and runs `cargo test --workspace` (the end-to-end tests need root);
+#   4. runs csi-sanity v5.5.0 against `berth csi` for each kind: dir, fs-ext4, fs-xfs, block, tmpfs.
+# Every step runs even when an earlier one failed (unless the build failed), so one run shows
+# everything. The last line is "N passed, N failed": cargo tests plus csi-sanity specs, plus one
+# failure for each step that failed without counting tests (lint, build, a sanity run that broke).
+# Exits non-zero on any failure.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+for dir in "$HOME/.cargo/bin" /usr/local/go/bin; do
+    if [[ -d $dir && :$PATH: != *:$dir:* ]]; then
+        PATH=$PATH:$dir
+    fi
+done
+export PATH CARGO_TERM_COLOR=never NO_COLOR=1
+
+started=$(date +%s)
+passed=0
+failed=0
+summary=()
+failed_steps=()
+
+step_done() { # NAME STATUS DETAIL
+    local secs=$(($(date +%s) - step_start))
+    summary+=("$(printf '%-24s %-6s %4ss  %s' "$1" "$2" "$secs" "${3:-}")")
+    if [[ $2 == FAIL ]]; then
+        failed_steps+=("$1")
+    fi
+}
+banner() {
+    step_start=$(date +%s)
+    echo
+    echo "=== $* ($(date -u +%H:%M:%S))"
+}
+
+banner "install test dependencies"
+if ! scripts/ci-install.sh; then
+    echo "test.sh: scripts/ci-install.sh failed; nothing can be tested" >&2
+    echo "0 passed, 1 failed"
+    exit 1
+fi
+step_done install ok
+
+banner "clean up after earlier runs"
+if scripts/teardown.sh --stray; then
+    step_done stray-cleanup ok
+else
+    # Leftovers of another run are not this run's failure, but say so.
+    step_done stray-cleanup warn "some earlier test dirs could not be removed"
+fi
+
+target_dir=$(cargo metadata --format-version 1 --no-deps |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+logs=$target_dir/test-logs
+mkdir -p "$logs"
+
+banner "shellcheck"
+if shellcheck -x scripts/*.sh .ci/run; then
+    step_done shellcheck ok
+else
+    step_done shellcheck FAIL
+    failed=$((failed + 1))
+fi
+
+banner "cargo fmt --check"
+if cargo fmt --all -- --check; then
+    step_done fmt ok
+else
+    step_done fmt FAIL "run: cargo fmt --all"
+    failed=$((failed + 1))
+fi
+
+banner "cargo clippy -D warnings"
+if cargo clippy --workspace --all-targets -- -D warnings; then
+    step_done clippy ok
+else
+    step_done clippy FAIL
+    failed=$((failed + 1))
+fi
+
+# Debug build: `cargo test` builds the same profile, so the binary comes for free there, and on 2
+# cores a release build would cost more than csi-sanity gains from it.
+banner "cargo build -p berth"
+built=0
+if cargo build -p berth; then
+    built=1
+    step_done build ok
+else
+    step_done build FAIL
+    failed=$((failed + 1))
+fi
+
+banner "cargo test --workspace"
+set +e
+cargo test --workspace --no-fail-fast 2>&1 | tee "$logs/cargo-test.log"
+test_rc=${PIPESTATUS[0]}
+set -e
+read -r tp tf < <(awk '/^test result:/ {
+        for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i }
+    } END { print p + 0, f + 0 }' "$logs/cargo-test.log")
+passed=$((passed + tp))
+failed=$((failed + tf))
+if ((test_rc == 0)); then
+    step_done cargo-test ok "$tp passed, $tf failed"
+elif ((tf > 0)); then
+    step_done cargo-test FAIL "$tp passed, $tf failed"
+else
+    step_done cargo-test FAIL "cargo test exited $test_rc without a failed test (did it build?)"
+    failed=$((failed + 1))
+fi
+
+for kind in dir fs-ext4 fs-xfs block tmpfs; do
+    banner "csi-sanity $kind"
+    if ((built == 0)); then
+        step_done "csi-sanity $kind" FAIL "not run: the build failed"
+        failed=$((failed + 1))
+        continue
+    fi
+    out=$target_dir/csi-sanity
+    rm -f "$out/$kind/counts.env"
+    set +e
+    BERTH_BIN=$target_dir/debug/berth SANITY_OUT_DIR=$out scripts/csi-sanity.sh "$kind"
+    rc=$?
+    set -e
+    sp=0 sf=0 ss=0
+    if [[ -r $out/$kind/counts.env ]]; then
+        sp=$(sed -n 's/^passed=//p' "$out/$kind/counts.env")
+        sf=$(sed -n 's/^failed=//p' "$out/$kind/counts.env")
+        ss=$(sed -n 's/^skipped=//p' "$out/$kind/counts.env")
+    fi
+    passed=$((passed + sp))
+    failed=$((failed + sf))
+    if ((rc == 0)); then
+        step_done "csi-sanity $kind" ok "$sp passed, $sf failed, $ss skipped"
+    else
+        step_done "csi-sanity $kind" FAIL "$sp passed, $sf failed, $ss skipped (see above)"
+        if ((sf == 0)); then
+            failed=$((failed + 1)) # a leak, a crash or a broken run: count it
+        fi
+    fi
+done
+
+echo
+echo "=== summary ($(($(date +%s) - started)) s)"
+printf '%s\n' "${summary[@]}"
+if ((${#failed_steps[@]} > 0)); then
+    echo "failed: ${failed_steps[*]}"
+fi
+echo "$passed passed, $failed failed"
+if ((failed > 0)); then
+    exit 1
+fi
