@@ -145,6 +145,10 @@ pub enum Call {
         device: PathBuf,
         mount: PathBuf,
     },
+    GrowFilesystemOffline {
+        fs: FileSystem,
+        device: PathBuf,
+    },
     Reconfigure {
         mount: PathBuf,
         options: Vec<String>,
@@ -248,6 +252,7 @@ impl Call {
             Call::GrowImage { .. } => "grow_image",
             Call::LoopSetCapacity { .. } => "loop_set_capacity",
             Call::GrowFilesystem { .. } => "grow_filesystem",
+            Call::GrowFilesystemOffline { .. } => "grow_filesystem_offline",
             Call::Reconfigure { .. } => "reconfigure",
             Call::SetXattr { .. } => "set_xattr",
             Call::GetXattr { .. } => "get_xattr",
@@ -293,6 +298,7 @@ impl Call {
             | Call::Reconfigure { mount, .. } => mount.clone(),
             Call::GrowImage { path, .. } | Call::SetXattr { path, .. } | Call::GetXattr { path, .. } => path.clone(),
             Call::LoopSetCapacity { device }
+            | Call::GrowFilesystemOffline { device, .. }
             | Call::SetBlockReadOnly { device, .. }
             | Call::BlockDeviceSize { device } => device.clone(),
         }
@@ -1725,6 +1731,20 @@ impl HostOps for RecordingHost {
             mount: mount.to_owned(),
         })?;
         st.grow_filesystem(fs, device, mount)
+    }
+
+    fn grow_filesystem_offline(&self, fs: FileSystem, device: &Path) -> Result<()> {
+        let st = self.begin(Call::GrowFilesystemOffline {
+            fs,
+            device: device.to_owned(),
+        })?;
+        if fs != FileSystem::Ext4 {
+            return Err(HostError::Unsupported(format!("{} only grows mounted", fs.as_str())));
+        }
+        if !st.nodes.contains_key(device) {
+            return Err(errno("grow filesystem offline", device, libc::ENOENT));
+        }
+        Ok(())
     }
 
     fn reconfigure(&self, mount: &Path, options: &[String]) -> Result<()> {

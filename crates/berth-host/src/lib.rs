@@ -348,6 +348,15 @@ pub trait HostOps: Send + Sync + std::fmt::Debug {
     /// Grows the filesystem mounted at `mount` (on `device`) to fill the device, online:
     /// resize2fs for ext4, xfs_growfs for xfs, BTRFS_IOC_RESIZE ("max") for btrfs.
     fn grow_filesystem(&self, fs: FileSystem, device: &Path, mount: &Path) -> Result<()>;
+    /// Whether [`HostOps::grow_filesystem`] can grow `fs` while it is mounted on this host.
+    fn can_grow_online(&self, fs: FileSystem) -> bool {
+        let _ = fs;
+        true
+    }
+    /// Grows the UNMOUNTED ext4 filesystem on `device` to fill it (`e2fsck -f -p`, then `resize2fs`):
+    /// the way to grow ext4 where online growth is not allowed (no CAP_SYS_RESOURCE). xfs and btrfs
+    /// only grow mounted: `Unsupported`.
+    fn grow_filesystem_offline(&self, fs: FileSystem, device: &Path) -> Result<()>;
     /// Changes filesystem options of the mount at `mount` in place (fspick, fsconfig,
     /// FSCONFIG_CMD_RECONFIGURE), e.g. `size=…` or `nr_inodes=…` of a tmpfs.
     fn reconfigure(&self, mount: &Path, options: &[String]) -> Result<()>;

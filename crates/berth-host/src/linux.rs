@@ -312,14 +312,16 @@ fn command_error(program: &str, output: &std::process::Output) -> HostError {
     }
 }
 
+/// Formats without discarding: a discard would punch holes into a preallocated image and give back
+/// the space its volume was promised.
 fn mkfs(device: &Path, fs: FileSystem) -> Result<()> {
     let (program, args): (&str, &[&str]) = match fs {
         FileSystem::Ext4 => (
             "mkfs.ext4",
-            &["-F", "-q", "-E", "lazy_itable_init=1,lazy_journal_init=1"],
+            &["-F", "-q", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"],
         ),
-        FileSystem::Xfs => ("mkfs.xfs", &["-f", "-q"]),
-        FileSystem::Btrfs => ("mkfs.btrfs", &["-f", "-q"]),
+        FileSystem::Xfs => ("mkfs.xfs", &["-f", "-q", "-K"]),
+        FileSystem::Btrfs => ("mkfs.btrfs", &["-f", "-q", "-K"]),
     };
     let output = run(program, args, device)?;
     if !output.status.success() {
@@ -399,6 +401,27 @@ fn has_capability(cap: u32) -> bool {
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
         .is_none_or(|caps| caps & (1 << cap) != 0)
+}
+
+/// Offline growth of an unmounted ext4 filesystem: a forced check first, as resize2fs demands.
+fn grow_filesystem_offline(fs: FileSystem, device: &Path) -> Result<()> {
+    if fs != FileSystem::Ext4 {
+        return Err(HostError::Unsupported(format!(
+            "{} grows only while mounted; stage the volume and expand it",
+            fs.as_str()
+        )));
+    }
+    let check = run("e2fsck", &["-f", "-p"], device)?;
+    // e2fsck exit codes 0 and 1 mean clean or corrected.
+    if !matches!(check.status.code(), Some(0 | 1)) {
+        return Err(command_error("e2fsck", &check));
+    }
+    let output = run("resize2fs", &[], device)?;
+    if !output.status.success() {
+        return Err(command_error("resize2fs", &output));
+    }
+    tracing::info!(device = %device.display(), "ext4 filesystem grown offline");
+    Ok(())
 }
 
 /// Online growth of a mounted filesystem to the size of its device.
@@ -639,6 +662,14 @@ impl HostOps for LinuxHost {
 
     fn grow_filesystem(&self, fs: FileSystem, device: &Path, mount: &Path) -> Result<()> {
         grow_filesystem(fs, device, mount)
+    }
+
+    fn can_grow_online(&self, fs: FileSystem) -> bool {
+        fs != FileSystem::Ext4 || has_capability(CAP_SYS_RESOURCE)
+    }
+
+    fn grow_filesystem_offline(&self, fs: FileSystem, device: &Path) -> Result<()> {
+        grow_filesystem_offline(fs, device)
     }
 
     fn reconfigure(&self, mount: &Path, options: &[String]) -> Result<()> {

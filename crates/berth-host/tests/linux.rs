@@ -820,15 +820,20 @@ fn clone_file_reflinks_on_btrfs_and_copies_elsewhere() {
     // A checksummed file cloned into a NOCOW directory (new files inherit NOCOW): still shared.
     let nocow_dir = pool.join("nocow-dir");
     fs::create_dir(&nocow_dir).unwrap();
-    std::process::Command::new("chattr")
-        .arg("+C")
-        .arg(&nocow_dir)
-        .status()
-        .unwrap();
+    let nocow = |p: &Path| {
+        let f = fs::File::open(p).unwrap();
+        rustix::fs::ioctl_getflags(&f)
+            .unwrap()
+            .contains(rustix::fs::IFlags::NOCOW)
+    };
+    let chattr = std::process::Command::new("chattr").arg("+C").arg(&nocow_dir).status();
+    assert!(chattr.unwrap().success());
+    assert!(nocow(&nocow_dir));
     assert_eq!(
         host.clone_file(&reflinked, &nocow_dir.join("c.img")).unwrap(),
         CloneMethod::Reflink
     );
+    assert!(!nocow(&nocow_dir.join("c.img")) && nocow(&pool.join("nocow-clone.img")));
     // An existing destination is an error, and is left as it was.
     let err = host.clone_file(&src, &reflinked).unwrap_err();
     assert_eq!(err.errno(), Some(libc::EEXIST), "{err}");

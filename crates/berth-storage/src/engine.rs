@@ -820,7 +820,9 @@ impl Engine {
         self.host.prepare_target(staging_path, TargetKind::Directory)?;
         self.establish_stage(&rec, staging_path, &cap)?;
         if rec.grow_fs_on_stage {
-            self.grow_fs(&rec)?;
+            if self.host.can_grow_online(rec.fs.unwrap_or(FileSystem::Ext4)) {
+                self.grow_fs(&rec)?;
+            }
             let mut grown = rec.clone();
             grown.grow_fs_on_stage = false;
             self.save_volume(&grown)?;
@@ -872,6 +874,9 @@ impl Engine {
                 let private = self.staged_path(&rec.id);
                 self.host.create_dir_all(&private, 0o700)?;
                 if !self.mounted_at(&private)? {
+                    if rec.grow_fs_on_stage && !self.host.can_grow_online(fs) {
+                        self.host.grow_filesystem_offline(fs, &device)?;
+                    }
                     let (attrs, mut fs_opts) = split_flags(&cap.mount_flags);
                     fs_opts.extend(attrs);
                     self.host.mount(&MountRequest {

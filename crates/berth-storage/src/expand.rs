@@ -80,6 +80,20 @@ impl Engine {
         }
         if rec.kind == Kind::Fs {
             let _busy = self.try_busy(volume_id)?;
+            let fs = rec.fs.unwrap_or(berth_host::FileSystem::Ext4);
+            if !self.host.can_grow_online(fs) {
+                // The image and loop device already have the new size; the filesystem grows
+                // offline at the next stage.
+                if !rec.grow_fs_on_stage {
+                    rec.grow_fs_on_stage = true;
+                    self.save_volume(&rec)?;
+                }
+                return Err(EngineError::FailedPrecondition(format!(
+                    "this host does not allow growing a mounted {} filesystem (it lacks CAP_SYS_RESOURCE); \
+                     volume {volume_id} grows when it is next staged: unstage and stage it, or use xfs or btrfs",
+                    fs.as_str()
+                )));
+            }
             self.grow_fs(&rec)?;
             if rec.grow_fs_on_stage {
                 rec.grow_fs_on_stage = false;
