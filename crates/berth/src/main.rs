@@ -82,10 +82,11 @@ struct PoolEntry {
 impl NodeOpts {
     /// Applies the config file under the flags.
     fn merged(mut self) -> Result<NodeOpts> {
-        let Some(path) = self.config.take() else { return Ok(self) };
+        let Some(path) = self.config.take() else {
+            return Ok(self);
+        };
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let file: ConfigFile =
-            serde_saphyr::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let file: ConfigFile = serde_saphyr::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         let size = |field: &str, v: Option<String>| -> Result<Option<u64>> {
             v.map(|v| parse_size(&v).map_err(|e| anyhow::anyhow!("{}: {field}: {e}", path.display())))
                 .transpose()
@@ -103,7 +104,9 @@ impl NodeOpts {
             data_dir: self.data_dir.or(file.data_dir),
             node_id: self.node_id.or(file.node_id),
             pools,
-            default_pool_size: self.default_pool_size.or(size("defaultPoolSize", file.default_pool_size)?),
+            default_pool_size: self
+                .default_pool_size
+                .or(size("defaultPoolSize", file.default_pool_size)?),
             tmpfs_budget: self.tmpfs_budget.or(size("tmpfsBudget", file.tmpfs_budget)?),
             max_volumes_per_node: self.max_volumes_per_node.or(file.max_volumes_per_node),
         })
@@ -304,7 +307,12 @@ mod tests {
         assert_eq!(opts.pools, vec![("fast".to_owned(), PathBuf::from("/mnt/fast"))]);
 
         std::fs::write(&path, "dataDir: /x\ncolour: blue\n").unwrap();
-        let err = NodeOpts { config: Some(path), ..NodeOpts::default() }.merged().unwrap_err();
+        let err = NodeOpts {
+            config: Some(path),
+            ..NodeOpts::default()
+        }
+        .merged()
+        .unwrap_err();
         assert!(err.to_string().contains("colour"), "{err}");
     }
 
