@@ -879,12 +879,23 @@ impl Engine {
                     }
                     let (attrs, mut fs_opts) = split_flags(&cap.mount_flags);
                     fs_opts.extend(attrs);
+                    // Restores and clones carry their source's filesystem UUID; xfs refuses to
+                    // mount a second filesystem with a UUID already mounted unless told not to
+                    // care. (btrfs gives a single-device clone a temporary fsid by itself.)
+                    if fs == FileSystem::Xfs && !fs_opts.iter().any(|o| o == "nouuid") {
+                        fs_opts.push("nouuid".into());
+                    }
                     self.host.mount(&MountRequest {
                         source: MountSource::Device { device, fs },
                         target: private.clone(),
-                        read_only: spec::read_only_param(&rec.mutable),
+                        read_only: false,
                         options: fs_opts,
                     })?;
+                }
+                if spec::read_only_param(&rec.mutable) {
+                    // Read-only at the superblock, not as a mount attribute: binds made from a
+                    // read-only mount would stay read-only after `readOnly=false`.
+                    self.host.reconfigure(&private, &["ro".to_owned()])?;
                 }
                 self.bind_once(&private, staging_path, false, &[])?;
             }

@@ -235,7 +235,17 @@ fn mount_setattr(fd: &OwnedFd, set: u64, clr: u64) -> std::io::Result<()> {
 /// `mount` and reconfigures it; mount attributes among `options` (`ro`/`rw`, `nosuid`,
 /// `noatime`, ...) are applied to this mount only, as [`mount`] does.
 pub(super) fn reconfigure(mount: &Path, options: &[String]) -> Result<()> {
-    let split = split_options(options, false);
+    // `ro` and `rw` change the superblock, so every bind of the filesystem (staging path,
+    // targets) follows; they are not attributes of this one mount here.
+    let (sb_flags, options): (Vec<String>, Vec<String>) = options
+        .iter()
+        .flat_map(|o| o.split(','))
+        .map(|o| o.trim().to_owned())
+        .filter(|o| !o.is_empty())
+        .partition(|o| o == "ro" || o == "rw");
+    let options = options.as_slice();
+    let mut split = split_options(options, false);
+    split.fs.extend(sb_flags.into_iter().map(|f| (f, None)));
     if !split.fs.is_empty() {
         // fspick refuses (EINVAL) anything but the root of a mount; a final symlink is not
         // followed.
@@ -261,11 +271,7 @@ pub(super) fn reconfigure(mount: &Path, options: &[String]) -> Result<()> {
             return Err(HostError::io(op, mount, e));
         }
     }
-    let (set, mut clr) = split.attributes();
-    let rw = options.iter().flat_map(|o| o.split(',')).any(|o| o.trim() == "rw");
-    if rw && !split.read_only {
-        clr |= ATTR_RDONLY;
-    }
+    let (set, clr) = split.attributes();
     if set != 0 || clr != 0 {
         let fd = open_target(mount)?;
         mount_setattr(&fd, set, clr).map_err(|e| HostError::io("reconfigure: mount_setattr", mount, e))?;
