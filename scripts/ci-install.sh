@@ -16,7 +16,8 @@ say() { echo "ci-install: $*"; }
 # --- Debian packages -------------------------------------------------------------------------
 # util-linux: mount, umount, losetup; kmod: modprobe; python3: the junit summary; shellcheck:
 # lints the scripts; procps: ps/kill; ca-certificates: HTTPS to the package registries.
-packages=(btrfs-progs xfsprogs e2fsprogs util-linux mount fio busybox-static kmod python3 shellcheck procps ca-certificates)
+# etcd-server: the store's etcd backend tests; protobuf-compiler: protoc for etcd-client's build.
+packages=(btrfs-progs xfsprogs e2fsprogs util-linux mount fio busybox-static kmod python3 shellcheck procps ca-certificates etcd-server protobuf-compiler)
 
 missing=()
 for pkg in "${packages[@]}"; do
@@ -33,7 +34,7 @@ if ((${#missing[@]} > 0)); then
 else
     say "Debian packages present"
 fi
-for tool in mkfs.btrfs btrfs mkfs.xfs mkfs.ext4 losetup mount umount fio busybox python3 shellcheck; do
+for tool in mkfs.btrfs btrfs mkfs.xfs mkfs.ext4 losetup mount umount fio busybox python3 shellcheck etcd protoc; do
     command -v "$tool" >/dev/null || die "$tool not on PATH after installing packages"
 done
 

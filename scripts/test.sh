@@ -145,6 +145,33 @@ for kind in dir fs-ext4 fs-xfs block tmpfs; do
     fi
 done
 
+banner "docker e2e (socket plugin)"
+# The managed-plugin phase is not run yet: after a plugin restart in a new mount namespace the
+# engine matches loop devices by path and leaks two of them (issue 6 stays open for it).
+echo "docker e2e: managed-plugin phase NOT RUN (known loop-device leak after a restart; issue 6 open)"
+if ((built == 0)); then
+    step_done "docker e2e" FAIL "not run: the build failed"
+    failed=$((failed + 1))
+else
+    set +e
+    BERTH_BIN=$target_dir/debug/berth scripts/docker-e2e.sh --socket-only | tee "$target_dir/docker-e2e.log"
+    rc=${PIPESTATUS[0]}
+    set -e
+    counts=$(grep -E '^docker-e2e: [0-9]+ passed, [0-9]+ failed' "$target_dir/docker-e2e.log" | tail -n 1)
+    dp=$(sed -E 's/^docker-e2e: ([0-9]+) passed.*/\1/' <<<"${counts:-docker-e2e: 0 passed}")
+    df_=$(sed -E 's/^docker-e2e: [0-9]+ passed, ([0-9]+) failed.*/\1/' <<<"${counts:-docker-e2e: 0 passed, 0 failed}")
+    passed=$((passed + dp))
+    failed=$((failed + df_))
+    if ((rc == 0)); then
+        step_done "docker e2e" ok "$dp passed, $df_ failed"
+    else
+        step_done "docker e2e" FAIL "$dp passed, $df_ failed (exit $rc)"
+        if ((df_ == 0)); then
+            failed=$((failed + 1))
+        fi
+    fi
+fi
+
 echo
 echo "=== summary ($(($(date +%s) - started)) s)"
 printf '%s\n' "${summary[@]}"

@@ -61,6 +61,9 @@ pub struct BackendSnapshot {
     pub fstype: Option<String>,
     /// The smallest volume it can be restored into.
     pub size: u64,
+    /// The engine id of the volume it was taken of.
+    pub source_volume_id: String,
+    pub created_unix: u64,
 }
 
 impl From<SnapshotRecord> for BackendSnapshot {
@@ -71,6 +74,8 @@ impl From<SnapshotRecord> for BackendSnapshot {
             kind: r.kind.as_str().to_owned(),
             fstype: r.fs.map(|f| f.as_str().to_owned()),
             size: r.size,
+            source_volume_id: r.source_volume_id.to_string(),
+            created_unix: r.created_unix,
         }
     }
 }
@@ -88,6 +93,12 @@ pub trait Backend: Send + Sync + Debug {
     ) -> Result<BackendVolume, EngineError>;
     /// A snapshot by id or, failing that, by name; `None` if there is none.
     fn snapshot(&self, id_or_name: &str) -> Result<Option<BackendSnapshot>, EngineError>;
+    /// Snapshots a volume (crash-consistent while mounted); idempotent by name.
+    fn create_snapshot(&self, name: &str, volume_id: &str) -> Result<BackendSnapshot, EngineError>;
+    /// Snapshots of one volume, oldest first.
+    fn snapshots_of(&self, volume_id: &str) -> Result<Vec<BackendSnapshot>, EngineError>;
+    /// Deletes a snapshot; an unknown id is success.
+    fn delete_snapshot(&self, id: &str) -> Result<(), EngineError>;
     /// A volume by id; `None` if it does not exist.
     fn volume(&self, id: &str) -> Result<Option<BackendVolume>, EngineError>;
     /// A volume by its (CSI) name, whoever made it.
@@ -164,6 +175,20 @@ impl Backend for EngineBackend {
         }
         let (all, _) = self.engine.list_snapshots("", "", "", 0)?;
         Ok(all.into_iter().find(|s| s.name == id_or_name).map(Into::into))
+    }
+
+    fn create_snapshot(&self, name: &str, volume_id: &str) -> Result<BackendSnapshot, EngineError> {
+        Ok(self.engine.create_snapshot(name, volume_id, &BTreeMap::new())?.into())
+    }
+
+    fn snapshots_of(&self, volume_id: &str) -> Result<Vec<BackendSnapshot>, EngineError> {
+        let (mut all, _) = self.engine.list_snapshots("", volume_id, "", 0)?;
+        all.sort_by_key(|s| (s.created_unix, s.created_nanos));
+        Ok(all.into_iter().map(Into::into).collect())
+    }
+
+    fn delete_snapshot(&self, id: &str) -> Result<(), EngineError> {
+        self.engine.delete_snapshot(id)
     }
 
     fn volume(&self, id: &str) -> Result<Option<BackendVolume>, EngineError> {

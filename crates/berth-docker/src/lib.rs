@@ -8,9 +8,12 @@
 //!   counts per (volume, mount ID) in its own redb file ([`store`]);
 //! - [`server`] and [`response`]: the socket, HTTP, and the JSON answers.
 //!
+//! [`client`] talks to a running plugin for `berth volume snapshot|snapshots|rm-snapshot`.
+//!
 //! Docker names are only ever engine names; every path is built from an engine id.
 
 pub mod backend;
+pub mod client;
 pub mod options;
 pub mod plugin;
 pub mod request;

@@ -22,10 +22,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use berth_storage::engine::EngineError;
 use berth_storage::id::VolumeId;
 
-use crate::backend::{Backend, BackendVolume, Origin};
+use crate::backend::{Backend, BackendSnapshot, BackendVolume, Origin};
 use crate::options::{Source, VolumeName, VolumeOptions, human_size};
 use crate::request::{Action, MountId};
-use crate::response::{ListItem, Reply, VolumeInfo, rfc3339};
+use crate::response::{ListItem, Reply, SnapshotInfo, VolumeInfo, rfc3339};
 use crate::store::{Entry, EntryState, Store, StoreError};
 
 /// Why an action failed. The message goes to the Docker user as `Err`.
@@ -124,6 +124,9 @@ impl Plugin {
             Action::Path { name } => self.path(&name).map(Reply::Mountpoint),
             Action::Get { name } => self.get(&name).map(Reply::Volume),
             Action::List => Ok(Reply::List(self.list())),
+            Action::SnapshotCreate { volume, name } => self.create_snapshot(&volume, &name).map(Reply::Snapshot),
+            Action::SnapshotList { volume } => self.snapshots(&volume).map(Reply::Snapshots),
+            Action::SnapshotRemove { name } => self.remove_snapshot(&name).map(|()| Reply::Done),
         }
     }
 
@@ -321,6 +324,52 @@ impl Plugin {
         Ok(())
     }
 
+    fn create_snapshot(&self, volume: &VolumeName, name: &str) -> Result<SnapshotInfo> {
+        let _guard = self.lock_name(volume.as_str());
+        let entry = self.ready(volume)?;
+        let _span = tracing::info_span!("docker_snapshot", volume = %volume, volume_id = %entry.volume_id).entered();
+        let snap = self.backend.create_snapshot(name, &entry.volume_id)?;
+        tracing::info!(snapshot = name, snapshot_id = %snap.id, "snapshot taken");
+        Ok(self.snapshot_info(snap))
+    }
+
+    fn snapshots(&self, volume: &VolumeName) -> Result<Vec<SnapshotInfo>> {
+        let entry = self.ready(volume)?;
+        Ok(self
+            .backend
+            .snapshots_of(&entry.volume_id)?
+            .into_iter()
+            .map(|s| self.snapshot_info(s))
+            .collect())
+    }
+
+    fn remove_snapshot(&self, name: &str) -> Result<()> {
+        let Some(snap) = self.backend.snapshot(name)? else {
+            return Ok(());
+        };
+        self.backend.delete_snapshot(&snap.id)?;
+        tracing::info!(snapshot = %snap.name, snapshot_id = %snap.id, "snapshot deleted");
+        Ok(())
+    }
+
+    fn snapshot_info(&self, s: BackendSnapshot) -> SnapshotInfo {
+        let volume = self
+            .store
+            .contents()
+            .volumes
+            .into_iter()
+            .find(|(_, e)| e.volume_id == s.source_volume_id)
+            .map(|(name, _)| name)
+            .unwrap_or_default();
+        SnapshotInfo {
+            name: s.name,
+            id: s.id,
+            volume,
+            size_bytes: s.size,
+            created_at: rfc3339(s.created_unix),
+        }
+    }
+
     fn path(&self, name: &VolumeName) -> Result<String> {
         let entry = self.ready(name)?;
         Ok(self.current_mountpoint(&entry.volume_id))
@@ -361,6 +410,13 @@ impl Plugin {
         s.insert("size".to_owned(), json!(human_size(vol.capacity)));
         s.insert("sizeBytes".to_owned(), json!(vol.capacity));
         s.insert("mounts".to_owned(), json!(mounts));
+        match self.backend.snapshots_of(&vol.id) {
+            Ok(snaps) => {
+                let names: Vec<String> = snaps.into_iter().map(|s| s.name).collect();
+                s.insert("snapshots".to_owned(), json!(names));
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot list snapshots"),
+        }
         if mountpoint.is_empty() {
             s.insert("usage".to_owned(), json!("unknown while not mounted"));
         } else if let Some(used) = self.backend.used_bytes(&vol.id, Path::new(mountpoint)) {

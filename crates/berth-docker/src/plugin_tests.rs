@@ -20,6 +20,7 @@ struct FakeState {
     calls: Vec<String>,
     next: u32,
     fail_create: bool,
+    snapshots: Vec<BackendSnapshot>,
 }
 
 /// Remembers volumes and stages like the engine does (they survive a plugin restart) and
@@ -82,13 +83,47 @@ impl Backend for FakeBackend {
     }
 
     fn snapshot(&self, id_or_name: &str) -> std::result::Result<Option<BackendSnapshot>, EngineError> {
-        Ok((id_or_name == "snap-1").then(|| BackendSnapshot {
-            id: "5".repeat(32),
-            name: "snap-1".into(),
-            kind: "dir".into(),
-            fstype: None,
-            size: 10 << 20,
-        }))
+        let s = self.0.lock().unwrap();
+        Ok(s.snapshots
+            .iter()
+            .find(|x| x.id == id_or_name || x.name == id_or_name)
+            .cloned())
+    }
+
+    fn create_snapshot(&self, name: &str, volume_id: &str) -> std::result::Result<BackendSnapshot, EngineError> {
+        let mut s = self.0.lock().unwrap();
+        let Some(v) = s.volumes.get(volume_id).cloned() else {
+            return Err(EngineError::NotFound(format!("volume {volume_id}")));
+        };
+        s.next += 1;
+        let snap = BackendSnapshot {
+            id: format!("{:032x}", s.next),
+            name: name.into(),
+            kind: v.kind.clone(),
+            fstype: v.fstype.clone(),
+            size: v.capacity,
+            source_volume_id: v.id.clone(),
+            created_unix: 1_700_000_000,
+        };
+        s.snapshots.push(snap.clone());
+        s.calls.push(format!("snapshot {name} of {volume_id}"));
+        Ok(snap)
+    }
+
+    fn snapshots_of(&self, volume_id: &str) -> std::result::Result<Vec<BackendSnapshot>, EngineError> {
+        let s = self.0.lock().unwrap();
+        Ok(s.snapshots
+            .iter()
+            .filter(|x| x.source_volume_id == volume_id)
+            .cloned()
+            .collect())
+    }
+
+    fn delete_snapshot(&self, id: &str) -> std::result::Result<(), EngineError> {
+        let mut s = self.0.lock().unwrap();
+        s.snapshots.retain(|x| x.id != id);
+        s.calls.push(format!("delete snapshot {id}"));
+        Ok(())
     }
 
     fn volume(&self, id: &str) -> std::result::Result<Option<BackendVolume>, EngineError> {
@@ -413,6 +448,15 @@ fn clones_take_their_sources_kind_and_size() {
 #[test]
 fn restores_find_snapshots_by_id_or_name() {
     let rig = Rig::new();
+    rig.fake.0.lock().unwrap().snapshots.push(BackendSnapshot {
+        id: "5".repeat(32),
+        name: "snap-1".into(),
+        kind: "dir".into(),
+        fstype: None,
+        size: 10 << 20,
+        source_volume_id: "gone".into(),
+        created_unix: 0,
+    });
     create_from(&rig, "restored", &[("fromSnapshot", "snap-1")]).unwrap();
     assert_eq!(
         rig.fake.calls(),
@@ -496,4 +540,50 @@ fn a_second_plugin_on_the_same_store_is_refused() {
     // The first one still serves.
     assert!(Store::open(&rig.store_path()).is_err());
     rig.create("v1");
+}
+
+#[test]
+fn snapshots_of_docker_volumes_are_taken_listed_shown_and_removed() {
+    let rig = Rig::new();
+    rig.create("v1");
+    let id = rig.id_of("v1");
+    rig.fake.calls();
+    let Reply::Snapshot(s) = rig
+        .run(Action::SnapshotCreate {
+            volume: n("v1"),
+            name: "before-upgrade".into(),
+        })
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(
+        (s.name.as_str(), s.volume.as_str(), s.size_bytes),
+        ("before-upgrade", "v1", 64 << 20)
+    );
+    assert_eq!(rig.fake.calls(), vec![format!("snapshot before-upgrade of {id}")]);
+    let Reply::Snapshots(all) = rig.run(Action::SnapshotList { volume: n("v1") }).unwrap() else {
+        panic!()
+    };
+    assert_eq!(all, vec![s.clone()]);
+    let Reply::Volume(v) = rig.run(Action::Get { name: n("v1") }).unwrap() else {
+        panic!()
+    };
+    assert_eq!(v.status["snapshots"], serde_json::json!(["before-upgrade"]));
+    create_from(&rig, "v2", &[("fromSnapshot", "before-upgrade")]).unwrap();
+    rig.run(Action::SnapshotRemove {
+        name: "before-upgrade".into(),
+    })
+    .unwrap();
+    rig.run(Action::SnapshotRemove {
+        name: "before-upgrade".into(),
+    })
+    .unwrap();
+    assert!(matches!(
+        rig.run(Action::SnapshotCreate {
+            volume: n("nope"),
+            name: "s".into()
+        }),
+        Err(PluginError::NoSuchVolume(_))
+    ));
 }

@@ -41,13 +41,41 @@ impl MountId {
 pub enum Action {
     Activate,
     Capabilities,
-    Create { name: VolumeName, options: VolumeOptions },
-    Remove { name: VolumeName },
-    Mount { name: VolumeName, id: MountId },
-    Unmount { name: VolumeName, id: MountId },
-    Path { name: VolumeName },
-    Get { name: VolumeName },
+    Create {
+        name: VolumeName,
+        options: VolumeOptions,
+    },
+    Remove {
+        name: VolumeName,
+    },
+    Mount {
+        name: VolumeName,
+        id: MountId,
+    },
+    Unmount {
+        name: VolumeName,
+        id: MountId,
+    },
+    Path {
+        name: VolumeName,
+    },
+    Get {
+        name: VolumeName,
+    },
     List,
+    /// Berth's own (not Docker's): snapshot a Docker volume.
+    SnapshotCreate {
+        volume: VolumeName,
+        name: String,
+    },
+    /// Berth's own: the snapshots of a Docker volume.
+    SnapshotList {
+        volume: VolumeName,
+    },
+    /// Berth's own: delete a snapshot (id or name).
+    SnapshotRemove {
+        name: String,
+    },
 }
 
 impl Action {
@@ -63,6 +91,9 @@ impl Action {
             Action::Path { .. } => "VolumeDriver.Path",
             Action::Get { .. } => "VolumeDriver.Get",
             Action::List => "VolumeDriver.List",
+            Action::SnapshotCreate { .. } => "Berth.SnapshotCreate",
+            Action::SnapshotList { .. } => "Berth.SnapshotList",
+            Action::SnapshotRemove { .. } => "Berth.SnapshotRemove",
         }
     }
 }
@@ -103,6 +134,31 @@ struct MountBody {
 }
 
 #[derive(Deserialize)]
+struct SnapshotBody {
+    #[serde(rename = "Volume", default)]
+    volume: Option<String>,
+    #[serde(rename = "Name", default)]
+    name: Option<String>,
+}
+
+/// Snapshot names are engine names: `[A-Za-z0-9._-]`, 1 to 128 bytes, no `..`.
+fn snapshot_name(s: Option<String>) -> Result<String, RequestError> {
+    let s = s.ok_or_else(|| RequestError::Malformed("Name is required".into()))?;
+    berth_storage::id::check_client_id(&s).map_err(|e| {
+        RequestError::Invalid(format!(
+            "snapshot name {:?} {e}",
+            s.chars().take(64).collect::<String>()
+        ))
+    })?;
+    Ok(s)
+}
+
+fn volume_field(s: Option<String>) -> Result<VolumeName, RequestError> {
+    let s = s.ok_or_else(|| RequestError::Malformed("Volume is required".into()))?;
+    Ok(VolumeName::parse(&s)?)
+}
+
+#[derive(Deserialize)]
 struct CreateBody {
     #[serde(rename = "Name")]
     name: String,
@@ -134,6 +190,9 @@ pub fn parse(method: &str, path: &str, body: &[u8]) -> Result<Action, RequestErr
             | "VolumeDriver.Path"
             | "VolumeDriver.Get"
             | "VolumeDriver.List"
+            | "Berth.SnapshotCreate"
+            | "Berth.SnapshotList"
+            | "Berth.SnapshotRemove"
     );
     if !known {
         return Err(RequestError::NotImplemented(path.chars().take(128).collect()));
@@ -170,6 +229,25 @@ pub fn parse(method: &str, path: &str, body: &[u8]) -> Result<Action, RequestErr
                 Action::Mount { name, id }
             } else {
                 Action::Unmount { name, id }
+            }
+        }
+        "Berth.SnapshotCreate" => {
+            let b: SnapshotBody = decode(endpoint, body)?;
+            Action::SnapshotCreate {
+                volume: volume_field(b.volume)?,
+                name: snapshot_name(b.name)?,
+            }
+        }
+        "Berth.SnapshotList" => {
+            let b: SnapshotBody = decode(endpoint, body)?;
+            Action::SnapshotList {
+                volume: volume_field(b.volume)?,
+            }
+        }
+        "Berth.SnapshotRemove" => {
+            let b: SnapshotBody = decode(endpoint, body)?;
+            Action::SnapshotRemove {
+                name: snapshot_name(b.name)?,
             }
         }
         other => return Err(RequestError::NotImplemented(other.to_owned())),
@@ -265,6 +343,33 @@ mod tests {
     fn bad_requests(#[case] method: &str, #[case] path: &str, #[case] body: &[u8], #[case] kind: &str) {
         let err = parse(method, path, body).unwrap_err();
         assert!(format!("{err:?}").starts_with(kind), "{err:?}");
+    }
+
+    #[test]
+    fn berth_snapshot_requests() {
+        assert_eq!(
+            parse("POST", "/Berth.SnapshotCreate", br#"{"Volume":"v1","Name":"s1"}"#),
+            Ok(Action::SnapshotCreate {
+                volume: n("v1"),
+                name: "s1".into()
+            })
+        );
+        assert_eq!(
+            parse("POST", "/Berth.SnapshotList", br#"{"Volume":"v1"}"#),
+            Ok(Action::SnapshotList { volume: n("v1") })
+        );
+        assert_eq!(
+            parse("POST", "/Berth.SnapshotRemove", br#"{"Name":"s1"}"#),
+            Ok(Action::SnapshotRemove { name: "s1".into() })
+        );
+        assert!(matches!(
+            parse("POST", "/Berth.SnapshotCreate", br#"{"Volume":"v1","Name":"../x"}"#),
+            Err(RequestError::Invalid(_))
+        ));
+        assert!(matches!(
+            parse("POST", "/Berth.SnapshotCreate", br#"{"Name":"s1"}"#),
+            Err(RequestError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -21,6 +21,24 @@ pub enum Reply {
     Mountpoint(String),
     Volume(VolumeInfo),
     List(Vec<ListItem>),
+    Snapshot(SnapshotInfo),
+    Snapshots(Vec<SnapshotInfo>),
+}
+
+/// A snapshot as Berth's own endpoints report it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct SnapshotInfo {
+    #[serde(rename = "Name")]
+    pub name: String,
+    #[serde(rename = "Id")]
+    pub id: String,
+    /// The Docker volume it was taken of (empty if that volume is gone).
+    #[serde(rename = "Volume")]
+    pub volume: String,
+    #[serde(rename = "SizeBytes")]
+    pub size_bytes: u64,
+    #[serde(rename = "CreatedAt", default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
 }
 
 /// One volume as Get reports it.
@@ -116,6 +134,8 @@ pub fn reply_body(reply: &Reply) -> Vec<u8> {
             volumes: items,
             err: "",
         }),
+        Reply::Snapshot(s) => to_json(&serde_json::json!({"Snapshot": s, "Err": ""})),
+        Reply::Snapshots(s) => to_json(&serde_json::json!({"Snapshots": s, "Err": ""})),
     }
 }
 

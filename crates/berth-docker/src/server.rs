@@ -231,6 +231,19 @@ mod tests {
         fn snapshot(&self, _: &str) -> Result<Option<crate::backend::BackendSnapshot>, berth_storage::EngineError> {
             Ok(None)
         }
+        fn create_snapshot(
+            &self,
+            _: &str,
+            _: &str,
+        ) -> Result<crate::backend::BackendSnapshot, berth_storage::EngineError> {
+            Err(berth_storage::EngineError::NotFound("no engine in this test".into()))
+        }
+        fn snapshots_of(&self, _: &str) -> Result<Vec<crate::backend::BackendSnapshot>, berth_storage::EngineError> {
+            Ok(Vec::new())
+        }
+        fn delete_snapshot(&self, _: &str) -> Result<(), berth_storage::EngineError> {
+            Ok(())
+        }
         fn volume(&self, _: &str) -> Result<Option<crate::backend::BackendVolume>, berth_storage::EngineError> {
             Ok(None)
         }

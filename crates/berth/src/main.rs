@@ -13,6 +13,7 @@ use berth_host::{HostOps, LinuxHost};
 use berth_storage::{BerthDriver, Engine, EngineConfig};
 
 mod bench;
+mod docker_cli;
 
 #[derive(Debug, Parser)]
 #[command(name = "berth", version, about = "Persistent storage for containers")]
@@ -130,6 +131,11 @@ enum Command {
     },
     /// Measure CSI call latencies and the data path; prints figures.
     Bench(bench::BenchArgs),
+    /// Snapshots of Docker volumes: snapshot, snapshots, rm-snapshot (asks the running plugin).
+    Volume {
+        #[command(subcommand)]
+        command: docker_cli::VolumeCommand,
+    },
     /// Serve the Docker volume-plugin protocol (`docker volume create -d berth`).
     DockerPlugin {
         /// The unix socket Docker finds the plugin at (mode 0600; the parent is created).
@@ -170,9 +176,12 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // No colour codes when stderr is a file or a pipe (dockerd logs a managed plugin's stderr).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -268,6 +277,7 @@ fn main() -> Result<()> {
         }
         Command::Bench(args) => bench::run(args),
         Command::DockerPlugin { socket, node } => docker_plugin(socket, node),
+        Command::Volume { command } => docker_cli::run(command),
     }
 }
 

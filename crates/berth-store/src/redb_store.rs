@@ -1,0 +1,775 @@
+//! The embedded backend: one redb file, one writer thread doing group commits.
+//!
+//! Writers send requests to a single writer thread. It drains whatever is pending (up to
+//! `max_batch`), applies each request with its own precondition check (one request's conflict
+//! never fails another), commits the batch in one durable transaction (one fsync), and only then
+//! answers the callers and broadcasts the batch's events to watchers.
+//!
+//! Tables:
+//! - `objects`: key -> (mod revision, value): the newest state, for get and list.
+//! - `events`: revision -> (kind, key, value): the change log, for watch replay and old lists.
+//! - `versions`: (key, revision) -> kind: which revisions each key has in the log, for
+//!   lists at a past revision and for compaction.
+//! - `meta`: the current revision and the compaction point.
+//!
+//! Compaction to revision C drops every log entry at or below C except each live key's newest
+//! one, exactly as etcd does, so a list at any revision >= C stays answerable.
+//!
+//! Guarantees: acknowledged writes survive a crash (redb's commit fsyncs before returning);
+//! revisions never go backwards across restarts. The file is locked: one process owns it.
+
+use std::collections::BTreeSet;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::{
+    DEFAULT_BOOKMARK_INTERVAL, ListOptions, ListPage, Object, Result, Store, StoreError, WATCH_CHANNEL, Watch,
+    WatchEvent,
+};
+
+const OBJECTS: TableDefinition<&str, (u64, &[u8])> = TableDefinition::new("objects");
+const EVENTS: TableDefinition<u64, (u8, &str, &[u8])> = TableDefinition::new("events");
+const VERSIONS: TableDefinition<(&str, u64), u8> = TableDefinition::new("versions");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+const META_REVISION: &str = "revision";
+const META_COMPACTED: &str = "compacted";
+
+const ADDED: u8 = 1;
+const MODIFIED: u8 = 2;
+const DELETED: u8 = 3;
+
+/// Events read from the log per read transaction when a watcher replays or catches up.
+const REPLAY_CHUNK: usize = 1024;
+
+/// Tuning for [`RedbStore`].
+#[derive(Debug, Clone)]
+pub struct RedbOptions {
+    /// How often watches send a bookmark.
+    pub bookmark_interval: Duration,
+    /// The most write requests committed in one transaction.
+    pub max_batch: usize,
+    /// Pending write requests before callers wait for room.
+    pub queue: usize,
+    /// Batches buffered for watchers before a slow one must catch up from the log.
+    pub watch_buffer: usize,
+}
+
+impl Default for RedbOptions {
+    fn default() -> Self {
+        RedbOptions {
+            bookmark_interval: DEFAULT_BOOKMARK_INTERVAL,
+            max_batch: 1024,
+            queue: 8192,
+            watch_buffer: 1024,
+        }
+    }
+}
+
+/// The embedded store: a redb database file with group-committed writes.
+#[derive(Debug)]
+pub struct RedbStore {
+    shared: Arc<Shared>,
+    requests: Option<mpsc::Sender<Request>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+struct Shared {
+    db: Database,
+    path: PathBuf,
+    /// Newest durable revision; stored after commit, before the batch is broadcast.
+    revision: AtomicU64,
+    compacted: AtomicU64,
+    events: broadcast::Sender<Arc<Batch>>,
+    bookmark_interval: Duration,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("path", &self.path)
+            .field("revision", &self.revision)
+            .field("compacted", &self.compacted)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The events of one committed transaction, in revision order.
+#[derive(Debug)]
+struct Batch {
+    events: Vec<WatchEvent>,
+    /// The transaction's last revision.
+    revision: u64,
+}
+
+#[derive(Debug)]
+enum Op {
+    Create {
+        key: String,
+        value: Bytes,
+    },
+    Update {
+        key: String,
+        value: Bytes,
+        expected: Option<u64>,
+    },
+    Delete {
+        key: String,
+        expected: Option<u64>,
+    },
+    Compact {
+        revision: u64,
+    },
+}
+
+#[derive(Debug)]
+struct Request {
+    op: Op,
+    reply: oneshot::Sender<Result<u64>>,
+}
+
+fn db_err(context: &str, e: impl Into<redb::Error>) -> StoreError {
+    StoreError::backend(context, e.into())
+}
+
+fn closed() -> StoreError {
+    StoreError::Backend("the store is shut down".into())
+}
+
+impl RedbStore {
+    /// Opens (creating if needed) the database file at `path` and starts its writer thread.
+    /// Fails if another process has the file open. Blocking: after a crash redb may first
+    /// repair the file, so call it before serving or from `spawn_blocking`. Dropping the store
+    /// waits for the batch being committed, then closes the file.
+    pub fn open(path: impl AsRef<Path>, options: RedbOptions) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let db = Database::create(&path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Backend(format!(
+                "{} is already open by another process; stop it first",
+                path.display()
+            )),
+            e => db_err(&format!("opening {}", path.display()), e),
+        })?;
+        let (revision, compacted) = init_tables(&db).map_err(|e| db_err("creating tables", e))?;
+        let (events, _) = broadcast::channel(options.watch_buffer.max(1));
+        let shared = Arc::new(Shared {
+            db,
+            path,
+            revision: AtomicU64::new(revision),
+            compacted: AtomicU64::new(compacted),
+            events,
+            bookmark_interval: options.bookmark_interval,
+        });
+        let (tx, rx) = mpsc::channel(options.queue.max(1));
+        let writer_shared = Arc::clone(&shared);
+        let max_batch = options.max_batch.max(1);
+        let writer = std::thread::Builder::new()
+            .name("berth-store-writer".into())
+            .spawn(move || run_writer(&writer_shared, rx, max_batch))
+            .map_err(|e| StoreError::backend("starting the writer thread", e))?;
+        tracing::info!(path = %shared.path.display(), revision, compacted, "store opened");
+        Ok(RedbStore {
+            shared,
+            requests: Some(tx),
+            writer: Some(writer),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    async fn submit(&self, op: Op) -> Result<u64> {
+        let requests = self.requests.as_ref().ok_or_else(closed)?;
+        let (reply, answer) = oneshot::channel();
+        requests.send(Request { op, reply }).await.map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
+    }
+}
+
+impl Drop for RedbStore {
+    fn drop(&mut self) {
+        // Closing the queue ends the writer once it has answered everything queued; joining
+        // it means the file is closed (and unlocked) once the last handle is gone.
+        self.requests.take();
+        if let Some(writer) = self.writer.take()
+            && writer.join().is_err()
+        {
+            tracing::error!("the store writer thread panicked");
+        }
+    }
+}
+
+fn init_tables(db: &Database) -> Result<(u64, u64), redb::Error> {
+    let txn = db.begin_write()?;
+    let (revision, compacted) = {
+        txn.open_table(OBJECTS)?;
+        txn.open_table(EVENTS)?;
+        txn.open_table(VERSIONS)?;
+        let meta = txn.open_table(META)?;
+        let revision = meta.get(META_REVISION)?.map(|g| g.value()).unwrap_or(0);
+        let compacted = meta.get(META_COMPACTED)?.map(|g| g.value()).unwrap_or(0);
+        (revision, compacted)
+    };
+    txn.commit()?;
+    Ok((revision, compacted))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The writer.
+
+fn run_writer(shared: &Shared, mut rx: mpsc::Receiver<Request>, max_batch: usize) {
+    let mut batch = Vec::with_capacity(max_batch);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        commit_batch(shared, &mut batch);
+    }
+    tracing::debug!("store writer stopped");
+}
+
+/// What a committed batch changed.
+struct Committed {
+    outcomes: Vec<Result<u64>>,
+    events: Vec<WatchEvent>,
+    revision: u64,
+    compacted: Option<u64>,
+}
+
+fn commit_batch(shared: &Shared, batch: &mut Vec<Request>) {
+    let base = shared.revision.load(Ordering::Acquire);
+    match apply_batch(shared, base, batch) {
+        Ok(done) => {
+            if let Some(c) = done.compacted {
+                shared.compacted.store(c, Ordering::Release);
+            }
+            if done.revision > base {
+                shared.revision.store(done.revision, Ordering::Release);
+                // No receivers is fine: nobody is watching.
+                let _ = shared.events.send(Arc::new(Batch {
+                    events: done.events,
+                    revision: done.revision,
+                }));
+            }
+            for (req, outcome) in batch.drain(..).zip(done.outcomes) {
+                // The caller may have gone away; the write stands either way.
+                let _ = req.reply.send(outcome);
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, requests = batch.len(), "store commit failed");
+            let err = db_err("committing", e);
+            for req in batch.drain(..) {
+                let _ = req.reply.send(Err(err.clone()));
+            }
+        }
+    }
+}
+
+/// The tables a write transaction works on, opened once per batch.
+struct Tables<'t> {
+    objects: redb::Table<'t, &'static str, (u64, &'static [u8])>,
+    events: redb::Table<'t, u64, (u8, &'static str, &'static [u8])>,
+    versions: redb::Table<'t, (&'static str, u64), u8>,
+    meta: redb::Table<'t, &'static str, u64>,
+}
+
+fn apply_batch(shared: &Shared, base: u64, batch: &[Request]) -> Result<Committed, redb::Error> {
+    let mut txn = shared.db.begin_write()?;
+    // The default, said explicitly: commit() returns only after the fsync.
+    txn.set_durability(Durability::Immediate)?;
+    let mut done = Committed {
+        outcomes: Vec::with_capacity(batch.len()),
+        events: Vec::with_capacity(batch.len()),
+        revision: base,
+        compacted: None,
+    };
+    {
+        let mut t = Tables {
+            objects: txn.open_table(OBJECTS)?,
+            events: txn.open_table(EVENTS)?,
+            versions: txn.open_table(VERSIONS)?,
+            meta: txn.open_table(META)?,
+        };
+        let mut compacted = shared.compacted.load(Ordering::Acquire);
+        for req in batch {
+            let next = done.revision + 1;
+            let outcome = match &req.op {
+                Op::Create { key, value } => write_object(&mut t, key, Some(value), None, true, next)?,
+                Op::Update { key, value, expected } => write_object(&mut t, key, Some(value), *expected, false, next)?,
+                Op::Delete { key, expected } => write_object(&mut t, key, None, *expected, false, next)?,
+                Op::Compact { revision } => {
+                    let outcome = compact(&mut t, *revision, done.revision, compacted)?;
+                    if let Ok(c) = outcome
+                        && c > compacted
+                    {
+                        compacted = c;
+                        done.compacted = Some(c);
+                    }
+                    done.outcomes.push(outcome);
+                    continue;
+                }
+            };
+            match outcome {
+                Ok(event) => {
+                    done.revision = next;
+                    done.events.push(event);
+                    done.outcomes.push(Ok(next));
+                }
+                Err(e) => done.outcomes.push(Err(e)),
+            }
+        }
+        if done.revision > base {
+            t.meta.insert(META_REVISION, done.revision)?;
+        }
+        if let Some(c) = done.compacted {
+            t.meta.insert(META_COMPACTED, c)?;
+        }
+    }
+    if done.revision == base && done.compacted.is_none() {
+        // Every request failed its precondition: nothing to make durable.
+        txn.abort()?;
+    } else {
+        txn.commit()?;
+    }
+    Ok(done)
+}
+
+/// Creates (`create`), replaces (`value` is `Some`) or deletes (`value` is `None`) one key at
+/// revision `rev`. The inner error is the request's own failure; the outer one fails the batch.
+fn write_object(
+    t: &mut Tables<'_>,
+    key: &str,
+    value: Option<&Bytes>,
+    expected: Option<u64>,
+    create: bool,
+    rev: u64,
+) -> Result<Result<WatchEvent>, redb::Error> {
+    let current = t.objects.get(key)?.map(|g| {
+        let (mod_rev, old) = g.value();
+        (mod_rev, Bytes::copy_from_slice(old))
+    });
+    let (kind, stored) = match (current, value) {
+        (Some(_), _) if create => {
+            return Ok(Err(StoreError::AlreadyExists { key: key.into() }));
+        }
+        (None, Some(v)) if create => (ADDED, v.clone()),
+        (None, _) => return Ok(Err(StoreError::NotFound { key: key.into() })),
+        (Some((actual, _)), _) if expected.is_some_and(|e| e != actual) => {
+            return Ok(Err(StoreError::Conflict {
+                key: key.into(),
+                expected: expected.unwrap_or_default(),
+                actual,
+            }));
+        }
+        (Some(_), Some(v)) => (MODIFIED, v.clone()),
+        (Some((_, old)), None) => (DELETED, old),
+    };
+    if kind == DELETED {
+        t.objects.remove(key)?;
+    } else {
+        t.objects.insert(key, (rev, stored.as_ref()))?;
+    }
+    t.events.insert(rev, (kind, key, stored.as_ref()))?;
+    t.versions.insert((key, rev), kind)?;
+    let object = Object {
+        key: key.into(),
+        value: stored,
+        mod_revision: rev,
+    };
+    Ok(Ok(match kind {
+        ADDED => WatchEvent::Added(object),
+        MODIFIED => WatchEvent::Modified(object),
+        _ => WatchEvent::Deleted(object),
+    }))
+}
+
+/// Drops the history at or below `to`, keeping each live key's newest version. Returns the new
+/// compaction point.
+fn compact(t: &mut Tables<'_>, to: u64, current: u64, compacted: u64) -> Result<Result<u64>, redb::Error> {
+    if to <= compacted {
+        return Ok(Ok(compacted));
+    }
+    if to > current {
+        return Ok(Err(StoreError::FutureRevision { requested: to, current }));
+    }
+    let mut keys = BTreeSet::new();
+    for entry in t.events.range(compacted + 1..=to)? {
+        let (_, v) = entry?;
+        keys.insert(v.value().1.to_owned());
+    }
+    for key in &keys {
+        let mut revs = Vec::new();
+        for entry in t.versions.range((key.as_str(), 0)..=(key.as_str(), to))? {
+            let (k, kind) = entry?;
+            revs.push((k.value().1, kind.value()));
+        }
+        let keep = match revs.last() {
+            Some(&(rev, kind)) if kind != DELETED => Some(rev),
+            _ => None,
+        };
+        for (rev, _) in revs {
+            if Some(rev) != keep {
+                t.versions.remove((key.as_str(), rev))?;
+                t.events.remove(rev)?;
+            }
+        }
+    }
+    tracing::info!(revision = to, keys = keys.len(), "store compacted");
+    Ok(Ok(to))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reads.
+
+fn read_meta(txn: &redb::ReadTransaction) -> Result<(u64, u64), redb::Error> {
+    let meta = txn.open_table(META)?;
+    let revision = meta.get(META_REVISION)?.map(|g| g.value()).unwrap_or(0);
+    let compacted = meta.get(META_COMPACTED)?.map(|g| g.value()).unwrap_or(0);
+    Ok((revision, compacted))
+}
+
+fn list_blocking(shared: &Shared, prefix: &str, opts: &ListOptions) -> Result<ListPage> {
+    let txn = shared.db.begin_read().map_err(|e| db_err("reading", e))?;
+    let (revision, compacted) = read_meta(&txn).map_err(|e| db_err("reading", e))?;
+    let at = match opts.at_revision {
+        None | Some(0) => revision,
+        Some(at) if at > revision => {
+            return Err(StoreError::FutureRevision {
+                requested: at,
+                current: revision,
+            });
+        }
+        Some(at) if at < compacted => {
+            return Err(StoreError::Gone {
+                requested: at,
+                compacted,
+            });
+        }
+        Some(at) => at,
+    };
+    let limit = opts.limit.filter(|l| *l > 0).unwrap_or(usize::MAX);
+    let after = opts.continue_after.as_deref().filter(|k| *k >= prefix);
+    let mut items = Vec::new();
+    let mut more = false;
+    let read = |e: redb::StorageError| db_err("listing", e);
+    if at == revision {
+        let objects = txn.open_table(OBJECTS).map_err(|e| db_err("listing", e))?;
+        let start = after.map_or(Bound::Included(prefix), Bound::Excluded);
+        for entry in objects.range::<&str>((start, Bound::Unbounded)).map_err(read)? {
+            let (k, v) = entry.map_err(read)?;
+            let key = k.value();
+            if !key.starts_with(prefix) {
+                break;
+            }
+            if items.len() == limit {
+                more = true;
+                break;
+            }
+            let (mod_revision, value) = v.value();
+            items.push(Object {
+                key: key.to_owned(),
+                value: Bytes::copy_from_slice(value),
+                mod_revision,
+            });
+        }
+    } else {
+        let versions = txn.open_table(VERSIONS).map_err(|e| db_err("listing", e))?;
+        let events = txn.open_table(EVENTS).map_err(|e| db_err("listing", e))?;
+        let start = match after {
+            Some(k) => Bound::Excluded((k, u64::MAX)),
+            None => Bound::Included((prefix, 0)),
+        };
+        // Versions of one key are adjacent; take each key's newest version at or below `at`.
+        let mut pending: Option<(String, u64, u8)> = None;
+        let visible = |p: Option<(String, u64, u8)>, items: &mut Vec<Object>| -> Result<bool> {
+            let Some((key, rev, kind)) = p else { return Ok(false) };
+            if kind == DELETED {
+                return Ok(false);
+            }
+            if items.len() == limit {
+                return Ok(true);
+            }
+            let value = events
+                .get(rev)
+                .map_err(read)?
+                .map(|g| Bytes::copy_from_slice(g.value().2))
+                .ok_or_else(|| StoreError::Backend(format!("log entry {rev} of {key} is missing")))?;
+            items.push(Object {
+                key,
+                value,
+                mod_revision: rev,
+            });
+            Ok(false)
+        };
+        for entry in versions.range::<(&str, u64)>((start, Bound::Unbounded)).map_err(read)? {
+            let (k, kind) = entry.map_err(read)?;
+            let (key, rev) = k.value();
+            if !key.starts_with(prefix) {
+                break;
+            }
+            if pending.as_ref().is_some_and(|p| p.0 != key) && visible(pending.take(), &mut items)? {
+                more = true;
+                break;
+            }
+            if rev <= at {
+                pending = Some((key.to_owned(), rev, kind.value()));
+            }
+        }
+        if !more && visible(pending.take(), &mut items)? {
+            more = true;
+        }
+    }
+    let next = if more {
+        items.last().map(|o| o.key.clone())
+    } else {
+        None
+    };
+    Ok(ListPage {
+        items,
+        revision: at,
+        next,
+    })
+}
+
+/// One chunk of the log after `after`, filtered by `prefix`.
+struct Replay {
+    events: Vec<WatchEvent>,
+    /// Every log entry up to here has been looked at.
+    scanned_to: u64,
+    /// No more log entries after `scanned_to` at the time of reading.
+    done: bool,
+}
+
+fn replay_blocking(shared: &Shared, prefix: &str, after: u64) -> Result<Replay> {
+    let txn = shared.db.begin_read().map_err(|e| db_err("reading the log", e))?;
+    let (revision, compacted) = read_meta(&txn).map_err(|e| db_err("reading the log", e))?;
+    if after < compacted {
+        return Err(StoreError::Gone {
+            requested: after,
+            compacted,
+        });
+    }
+    let read = |e: redb::StorageError| db_err("reading the log", e);
+    let log = txn.open_table(EVENTS).map_err(|e| db_err("reading the log", e))?;
+    let mut out = Replay {
+        events: Vec::new(),
+        scanned_to: after,
+        done: true,
+    };
+    for (n, entry) in log.range(after + 1..).map_err(read)?.enumerate() {
+        if n == REPLAY_CHUNK {
+            out.done = false;
+            break;
+        }
+        let (r, v) = entry.map_err(read)?;
+        let rev = r.value();
+        out.scanned_to = rev;
+        let (kind, key, value) = v.value();
+        if !key.starts_with(prefix) {
+            continue;
+        }
+        let object = Object {
+            key: key.to_owned(),
+            value: Bytes::copy_from_slice(value),
+            mod_revision: rev,
+        };
+        out.events.push(match kind {
+            ADDED => WatchEvent::Added(object),
+            MODIFIED => WatchEvent::Modified(object),
+            _ => WatchEvent::Deleted(object),
+        });
+    }
+    if out.done {
+        out.scanned_to = out.scanned_to.max(revision);
+    }
+    Ok(out)
+}
+
+/// Sends the logged events after `*last` to `tx`, advancing `*last`. `Ok(false)` when the
+/// consumer or the store has gone away.
+async fn catch_up(
+    shared: &Weak<Shared>,
+    prefix: &Arc<str>,
+    last: &mut u64,
+    tx: &mpsc::Sender<Result<WatchEvent>>,
+) -> Result<bool> {
+    loop {
+        let Some(strong) = shared.upgrade() else {
+            return Ok(false);
+        };
+        let p = Arc::clone(prefix);
+        let after = *last;
+        let chunk = tokio::task::spawn_blocking(move || replay_blocking(&strong, &p, after))
+            .await
+            .map_err(|e| StoreError::backend("reading the log", e))??;
+        for event in chunk.events {
+            if tx.send(Ok(event)).await.is_err() {
+                return Ok(false);
+            }
+        }
+        *last = (*last).max(chunk.scanned_to);
+        if chunk.done {
+            return Ok(true);
+        }
+    }
+}
+
+/// A watcher's feeder: replay from the log, then follow the broadcast, falling back to the log
+/// whenever it lagged behind.
+async fn feed(
+    shared: Weak<Shared>,
+    mut batches: broadcast::Receiver<Arc<Batch>>,
+    prefix: Arc<str>,
+    mut last: u64,
+    bookmark_interval: Duration,
+    tx: mpsc::Sender<Result<WatchEvent>>,
+) {
+    match catch_up(&shared, &prefix, &mut last, &tx).await {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(e) => {
+            let _ = tx.send(Err(e)).await;
+            return;
+        }
+    }
+    let start = tokio::time::Instant::now() + bookmark_interval;
+    let mut ticker = tokio::time::interval_at(start, bookmark_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            batch = batches.recv() => match batch {
+                Ok(batch) => {
+                    if batch.revision <= last {
+                        continue;
+                    }
+                    for event in &batch.events {
+                        let matches = match event {
+                            WatchEvent::Added(o) | WatchEvent::Modified(o) | WatchEvent::Deleted(o) => {
+                                o.key.starts_with(&*prefix)
+                            }
+                            WatchEvent::Bookmark(_) => false,
+                        };
+                        if event.revision() > last && matches && tx.send(Ok(event.clone())).await.is_err() {
+                            return;
+                        }
+                    }
+                    last = batch.revision;
+                }
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::debug!(missed, last, "watcher lagged; catching up from the log");
+                    match catch_up(&shared, &prefix, &mut last, &tx).await {
+                        Ok(true) => {}
+                        Ok(false) => return,
+                        Err(e) => {
+                            let _ = tx.send(Err(e)).await;
+                            return;
+                        }
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            _ = ticker.tick() => {
+                if tx.send(Ok(WatchEvent::Bookmark(last))).await.is_err() {
+                    return;
+                }
+            }
+            () = tx.closed() => return,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for RedbStore {
+    async fn get(&self, key: &str) -> Result<Option<(Bytes, u64)>> {
+        // One B-tree lookup, normally from the page cache: cheaper inline than a thread hop.
+        let txn = self.shared.db.begin_read().map_err(|e| db_err("reading", e))?;
+        let objects = txn.open_table(OBJECTS).map_err(|e| db_err("reading", e))?;
+        let found = objects.get(key).map_err(|e| db_err("reading", e))?;
+        Ok(found.map(|g| {
+            let (rev, value) = g.value();
+            (Bytes::copy_from_slice(value), rev)
+        }))
+    }
+
+    async fn list(&self, prefix: &str, opts: ListOptions) -> Result<ListPage> {
+        let shared = Arc::clone(&self.shared);
+        let prefix = prefix.to_owned();
+        tokio::task::spawn_blocking(move || list_blocking(&shared, &prefix, &opts))
+            .await
+            .map_err(|e| StoreError::backend("listing", e))?
+    }
+
+    async fn create(&self, key: &str, value: Bytes) -> Result<u64> {
+        self.submit(Op::Create {
+            key: key.to_owned(),
+            value,
+        })
+        .await
+    }
+
+    async fn update(&self, key: &str, value: Bytes, expected: Option<u64>) -> Result<u64> {
+        self.submit(Op::Update {
+            key: key.to_owned(),
+            value,
+            expected,
+        })
+        .await
+    }
+
+    async fn delete(&self, key: &str, expected: Option<u64>) -> Result<u64> {
+        self.submit(Op::Delete {
+            key: key.to_owned(),
+            expected,
+        })
+        .await
+    }
+
+    async fn watch(&self, prefix: &str, from: u64) -> Result<Watch> {
+        // Subscribe before reading the revision: a batch committed after the read is then
+        // certain to arrive through the broadcast.
+        let batches = self.shared.events.subscribe();
+        let compacted = self.shared.compacted.load(Ordering::Acquire);
+        let from = match from {
+            0 => self.shared.revision.load(Ordering::Acquire),
+            f if f < compacted => {
+                return Err(StoreError::Gone {
+                    requested: f,
+                    compacted,
+                });
+            }
+            f => f,
+        };
+        let (tx, rx) = mpsc::channel(WATCH_CHANNEL);
+        let task = tokio::spawn(feed(
+            Arc::downgrade(&self.shared),
+            batches,
+            Arc::from(prefix),
+            from,
+            self.shared.bookmark_interval,
+            tx,
+        ));
+        Ok(Watch::new(rx, task))
+    }
+
+    async fn compact(&self, revision: u64) -> Result<()> {
+        self.submit(Op::Compact { revision }).await.map(|_| ())
+    }
+
+    async fn current_revision(&self) -> Result<u64> {
+        Ok(self.shared.revision.load(Ordering::Acquire))
+    }
+}
