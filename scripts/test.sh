@@ -172,6 +172,15 @@ else
     fi
 fi
 
+if [[ -s "$logs/cargo-test.log" ]] && grep -q '^---- .* stdout ----$' "$logs/cargo-test.log"; then
+    # The panic message of each failed test, without backtraces, so the end of the log says why.
+    echo
+    echo "=== failed tests"
+    awk '/^---- .* stdout ----$/ { keep = 1; n = 0; print; next }
+         /^stack backtrace:/ || /^failures:$/ { keep = 0 }
+         keep && n < 20 { print; n++ }' "$logs/cargo-test.log"
+fi
+
 echo
 echo "=== summary ($(($(date +%s) - started)) s)"
 printf '%s\n' "${summary[@]}"

@@ -158,6 +158,10 @@ pub enum Call {
         name: String,
         value: Vec<u8>,
     },
+    SetNocow {
+        path: PathBuf,
+        on: bool,
+    },
     GetXattr {
         path: PathBuf,
         name: String,
@@ -255,6 +259,7 @@ impl Call {
             Call::GrowFilesystemOffline { .. } => "grow_filesystem_offline",
             Call::Reconfigure { .. } => "reconfigure",
             Call::SetXattr { .. } => "set_xattr",
+            Call::SetNocow { .. } => "set_nocow",
             Call::GetXattr { .. } => "get_xattr",
             Call::SetBlockReadOnly { .. } => "set_block_read_only",
             Call::BlockDeviceSize { .. } => "block_device_size",
@@ -296,7 +301,10 @@ impl Call {
             | Call::Thaw { mount }
             | Call::GrowFilesystem { mount, .. }
             | Call::Reconfigure { mount, .. } => mount.clone(),
-            Call::GrowImage { path, .. } | Call::SetXattr { path, .. } | Call::GetXattr { path, .. } => path.clone(),
+            Call::GrowImage { path, .. }
+            | Call::SetXattr { path, .. }
+            | Call::SetNocow { path, .. }
+            | Call::GetXattr { path, .. } => path.clone(),
             Call::LoopSetCapacity { device }
             | Call::GrowFilesystemOffline { device, .. }
             | Call::SetBlockReadOnly { device, .. }
@@ -353,6 +361,8 @@ struct State {
     /// Size of each filesystem made by mkfs, by the file that holds it.
     fs_sizes: BTreeMap<PathBuf, u64>,
     xattrs: BTreeMap<PathBuf, BTreeMap<String, Vec<u8>>>,
+    /// Directories with `FS_NOCOW_FL`.
+    nocow: BTreeSet<PathBuf>,
     reflink_supported: bool,
 }
 
@@ -378,6 +388,7 @@ impl Default for State {
             block_read_only: BTreeSet::new(),
             fs_sizes: BTreeMap::new(),
             xattrs: BTreeMap::new(),
+            nocow: BTreeSet::new(),
             reflink_supported: true,
         }
     }
@@ -579,6 +590,11 @@ impl RecordingHost {
         self.lock().xattrs.get(path).cloned().unwrap_or_default()
     }
 
+    /// Whether the directory at `path` has `FS_NOCOW_FL`.
+    pub fn nocow(&self, path: &Path) -> bool {
+        self.lock().nocow.contains(path)
+    }
+
     // ---- setup (not recorded) ----
 
     /// Creates a directory and its parents.
@@ -664,6 +680,7 @@ impl State {
     /// Drops what the model knows about `path` and everything beneath it, once removed.
     fn forget(&mut self, path: &Path) {
         self.xattrs.retain(|p, _| !p.starts_with(path));
+        self.nocow.retain(|p| !p.starts_with(path));
         self.read_only_subvolumes.retain(|p| !p.starts_with(path));
         self.snapshot_sources.retain(|p, _| !p.starts_with(path));
     }
@@ -767,6 +784,9 @@ impl State {
             if snapshot && let Some(x) = self.xattrs.get(&path).cloned() {
                 self.xattrs.insert(to.clone(), x);
             }
+            if snapshot && self.nocow.contains(&path) {
+                self.nocow.insert(to.clone());
+            }
             self.nodes.insert(to, node);
         }
         skipped
@@ -809,6 +829,9 @@ impl State {
         self.nodes.insert(dest.clone(), Node::Dir { subvolume: Some(id) });
         if let Some(x) = self.xattrs.get(source).cloned() {
             self.xattrs.insert(dest.clone(), x);
+        }
+        if self.nocow.contains(source) {
+            self.nocow.insert(dest.clone());
         }
         self.copy_nodes(source, &dest, true);
         if let Some(mount) = self.quota_mount_of(&dest) {
@@ -1504,7 +1527,8 @@ impl HostOps for RecordingHost {
         Ok(device)
     }
 
-    fn loop_detach(&self, device: &Path) -> Result<()> {
+    fn loop_detach(&self, loop_device: &LoopDevice) -> Result<()> {
+        let device = loop_device.device.as_path();
         let mut st = self.begin(Call::LoopDetach {
             device: device.to_owned(),
         })?;
@@ -1512,6 +1536,14 @@ impl HostOps for RecordingHost {
             None => Ok(()),
             Some(Node::BlockDevice { loop_number }) => {
                 let n = *loop_number;
+                if st
+                    .loops
+                    .get(&n)
+                    .is_some_and(|l| l.backing_file != loop_device.backing_file)
+                {
+                    // Reused for another file since: not ours.
+                    return Ok(());
+                }
                 if st.device_in_use(device) {
                     // Like LOOP_CLR_FD on an open device: detached at the last unmount.
                     if let Some(l) = st.loops.get_mut(&n) {
@@ -1770,10 +1802,45 @@ impl HostOps for RecordingHost {
             return Err(errno(OP, path, libc::EOPNOTSUPP));
         }
         st.check_writable(OP, path)?;
+        if name == "btrfs.compression" {
+            if value.is_empty() {
+                // btrfs: an empty value resets the property.
+                if let Some(x) = st.xattrs.get_mut(path) {
+                    x.remove(name);
+                }
+                return Ok(());
+            }
+            if st.nocow.contains(path) {
+                // btrfs refuses compression on a NOCOW inode.
+                return Err(errno(OP, path, libc::EINVAL));
+            }
+        }
         st.xattrs
             .entry(path.to_owned())
             .or_default()
             .insert(name.to_owned(), value.to_vec());
+        Ok(())
+    }
+
+    fn set_nocow(&self, dir: &Path, on: bool) -> Result<()> {
+        const OP: &str = "set nocow";
+        let mut st = self.begin(Call::SetNocow {
+            path: dir.to_owned(),
+            on,
+        })?;
+        if !matches!(st.nodes.get(dir), Some(Node::Dir { .. })) {
+            return Err(errno(OP, dir, libc::ENOENT));
+        }
+        st.check_writable(OP, dir)?;
+        if on {
+            // btrfs refuses NOCOW while a compression property is set.
+            if st.xattrs.get(dir).is_some_and(|x| x.contains_key("btrfs.compression")) {
+                return Err(errno(OP, dir, libc::EINVAL));
+            }
+            st.nocow.insert(dir.to_owned());
+        } else {
+            st.nocow.remove(dir);
+        }
         Ok(())
     }
 
@@ -2056,12 +2123,12 @@ mod tests {
         assert_eq!(io_errno(host.mount(&wrong)), Some(libc::EINVAL));
 
         // Detaching a mounted device is lazy: it goes with the unmount.
-        host.loop_detach(&dev.device).unwrap();
+        host.loop_detach(&dev).unwrap();
         assert_eq!(host.attached_loops().len(), 1);
         assert_eq!(host.unmount(&target).unwrap(), Unmounted::Removed);
         assert_eq!(host.unmount(&target).unwrap(), Unmounted::NotMounted);
         assert!(host.attached_loops().is_empty());
-        host.loop_detach(&dev.device).unwrap();
+        host.loop_detach(&dev).unwrap();
     }
 
     #[test]

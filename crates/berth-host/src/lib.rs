@@ -300,8 +300,10 @@ pub trait HostOps: Send + Sync + std::fmt::Debug {
 
     /// Attaches `backing` (trusted) to a free loop device with `LOOP_CONFIGURE`.
     fn loop_attach(&self, backing: &Path, options: LoopOptions) -> Result<LoopDevice>;
-    /// Detaches a loop device; one already detached is success.
-    fn loop_detach(&self, device: &Path) -> Result<()>;
+    /// Detaches `device.device` from `device.backing_file`. One already detached is success,
+    /// and so is one attached to another file meanwhile: the number was free and someone else
+    /// took it, so it is not ours to detach.
+    fn loop_detach(&self, device: &LoopDevice) -> Result<()>;
     /// Every attached loop device with its backing file.
     fn loop_devices(&self) -> Result<Vec<LoopDevice>>;
 
@@ -362,6 +364,9 @@ pub trait HostOps: Send + Sync + std::fmt::Debug {
     fn reconfigure(&self, mount: &Path, options: &[String]) -> Result<()>;
     /// Sets an extended attribute on a trusted path (e.g. `btrfs.compression` = `zstd`).
     fn set_xattr(&self, path: &Path, name: &str, value: &[u8]) -> Result<()>;
+    /// Sets or clears `FS_NOCOW_FL` on a directory: files created in it afterwards inherit it
+    /// (on btrfs they are overwritten in place). Filesystems without the flag: success, no-op.
+    fn set_nocow(&self, dir: &Path, on: bool) -> Result<()>;
     /// Reads an extended attribute; `None` when it is not set.
     fn get_xattr(&self, path: &Path, name: &str) -> Result<Option<Vec<u8>>>;
     /// Marks a block device read-only or read-write (BLKROSET).

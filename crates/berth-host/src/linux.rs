@@ -168,17 +168,41 @@ fn create_image(path: &Path, size: u64, nocow: bool) -> Result<()> {
 /// `FS_NOCOW_FL` must be set while the file is empty. Filesystems without the flag (ext4,
 /// xfs, tmpfs) answer EOPNOTSUPP, ENOTTY or EINVAL: there is nothing to turn off there.
 fn set_nocow(fd: &std::os::fd::OwnedFd, path: &Path) -> Result<()> {
-    let ignore = |e: Errno| matches!(e, Errno::OPNOTSUPP | Errno::NOTTY | Errno::INVAL);
+    change_nocow(fd, path, true, false)
+}
+
+/// Sets or clears `FS_NOCOW_FL`. With `strict`, EINVAL is an error (btrfs says EINVAL when a
+/// compression property forbids NOCOW); EOPNOTSUPP and ENOTTY always mean "no such flag here".
+fn change_nocow(fd: &std::os::fd::OwnedFd, path: &Path, on: bool, strict: bool) -> Result<()> {
+    let ignore = |e: Errno| matches!(e, Errno::OPNOTSUPP | Errno::NOTTY) || (!strict && e == Errno::INVAL);
     let flags = match rustix::fs::ioctl_getflags(fd) {
         Ok(f) => f,
         Err(e) if ignore(e) => return Ok(()),
-        Err(e) => return Err(HostError::io("create image: get flags", path, e)),
+        Err(e) => return Err(HostError::io("get inode flags", path, e)),
     };
-    match rustix::fs::ioctl_setflags(fd, flags | IFlags::NOCOW) {
+    let want = if on {
+        flags | IFlags::NOCOW
+    } else {
+        flags - IFlags::NOCOW
+    };
+    if want == flags {
+        return Ok(());
+    }
+    match rustix::fs::ioctl_setflags(fd, want) {
         Ok(()) => Ok(()),
         Err(e) if ignore(e) => Ok(()),
-        Err(e) => Err(HostError::io("create image: set nocow", path, e)),
+        Err(e) => Err(HostError::io("set nocow", path, e)),
     }
+}
+
+fn set_dir_nocow(dir: &Path, on: bool) -> Result<()> {
+    let fd = rustix::fs::open(
+        dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+    )
+    .map_err(|e| HostError::io("set nocow", dir, e))?;
+    change_nocow(&fd, dir, on, true)
 }
 
 fn prepare_target(target: &Path, kind: TargetKind) -> Result<()> {
@@ -598,9 +622,8 @@ impl HostOps for LinuxHost {
         Ok(device)
     }
 
-    fn loop_detach(&self, device: &Path) -> Result<()> {
-        self.unpin(device);
-        loopdev::detach(device)
+    fn loop_detach(&self, device: &LoopDevice) -> Result<()> {
+        loopdev::detach(&device.device, &device.backing_file, || self.unpin(&device.device))
     }
 
     fn loop_devices(&self) -> Result<Vec<LoopDevice>> {
@@ -678,6 +701,10 @@ impl HostOps for LinuxHost {
 
     fn set_xattr(&self, path: &Path, name: &str, value: &[u8]) -> Result<()> {
         set_xattr(path, name, value)
+    }
+
+    fn set_nocow(&self, dir: &Path, on: bool) -> Result<()> {
+        set_dir_nocow(dir, on)
     }
 
     fn get_xattr(&self, path: &Path, name: &str) -> Result<Option<Vec<u8>>> {

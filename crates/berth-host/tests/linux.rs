@@ -28,7 +28,7 @@ struct Scratch {
     /// Filesystems a test froze: thawed first on drop, or nothing could be unmounted.
     frozen: Vec<PathBuf>,
     mounts: Vec<PathBuf>,
-    loops: Vec<PathBuf>,
+    loops: Vec<LoopDevice>,
     // Declared last: removed after the mounts and loops are gone.
     dir: tempfile::TempDir,
 }
@@ -60,7 +60,7 @@ impl Scratch {
 
     fn attach(&mut self, image: &Path, options: LoopOptions) -> LoopDevice {
         let dev = self.host.loop_attach(image, options).unwrap();
-        self.loops.push(dev.device.clone());
+        self.loops.push(dev.clone());
         dev
     }
 
@@ -109,7 +109,7 @@ impl Drop for Scratch {
         let busy: Vec<&PathBuf> = self.mounts.iter().rev().filter(|t| !self.unmount_all(t)).collect();
         for device in self.loops.iter().rev() {
             if let Err(e) = self.host.loop_detach(device) {
-                eprintln!("cleanup: detach {}: {e}", device.display());
+                eprintln!("cleanup: detach {}: {e}", device.device.display());
             }
         }
         for target in busy {
@@ -339,8 +339,8 @@ fn ext4_on_a_direct_io_loop_device() {
     assert!(!s.mounted_at(&mnt));
     assert!(!mnt.join("hello").exists());
 
-    host.loop_detach(&dev.device).unwrap();
-    host.loop_detach(&dev.device).unwrap();
+    host.loop_detach(&dev).unwrap();
+    host.loop_detach(&dev).unwrap();
     assert!(!host.loop_devices().unwrap().iter().any(|d| d.backing_file == image));
 }
 
@@ -460,14 +460,28 @@ fn bind_mount_a_loop_device_onto_a_file() {
         options: vec![],
     });
     let meta = fs::metadata(&target).unwrap();
-    assert!(meta.file_type().is_block_device());
-    assert_eq!(meta.rdev(), fs::metadata(&dev.device).unwrap().rdev());
+    assert!(
+        meta.file_type().is_block_device(),
+        "{} after the bind mount of {}: {:?}",
+        target.display(),
+        dev.device.display(),
+        meta.file_type()
+    );
+    let want = fs::metadata(&dev.device).unwrap().rdev();
+    assert_eq!(meta.rdev(), want, "device number seen through the bind mount");
     // Idempotent re-prepare of a published block target.
-    s.host.prepare_target(&target, TargetKind::File).unwrap();
-    assert!(s.mounted_at(&target));
+    s.host
+        .prepare_target(&target, TargetKind::File)
+        .unwrap_or_else(|e| panic!("re-prepare of a published block target: {e}"));
+    assert!(s.mounted_at(&target), "{} is not in mountinfo", target.display());
     assert_eq!(s.host.unmount(&target).unwrap(), Unmounted::Removed);
-    assert!(!s.mounted_at(&target));
-    assert!(fs::symlink_metadata(&target).unwrap().is_file());
+    assert!(
+        !s.mounted_at(&target),
+        "{} still in mountinfo after unmount",
+        target.display()
+    );
+    let after = fs::symlink_metadata(&target).unwrap();
+    assert!(after.is_file(), "after unmount the target is {:?}", after.file_type());
     s.host.remove_target(&target).unwrap();
 }
 
@@ -586,7 +600,7 @@ fn loop_attach_races_with_other_attachers() {
         handles.into_iter().map(|h| h.join().unwrap()).collect::<Result<_, _>>()
     })
     .unwrap();
-    s.loops.extend(devices.iter().map(|d| d.device.clone()));
+    s.loops.extend(devices.iter().cloned());
     let mut numbers: Vec<u32> = devices.iter().map(|d| d.number).collect();
     numbers.sort();
     numbers.dedup();
@@ -1214,7 +1228,7 @@ fn block_device_read_only_flag() {
     // The flag belongs to the device and would outlive a detach: loop_detach clears it.
     s.host.set_block_read_only(&dev.device, true).unwrap();
     drop(open);
-    s.host.loop_detach(&dev.device).unwrap();
+    s.host.loop_detach(&dev).unwrap();
     let again = s.attach(&image, rw_dio());
     let f = fs::File::options().write(true).open(&again.device).unwrap();
     f.write_all_at(&[4u8; 4096], 0).unwrap();
@@ -1223,4 +1237,30 @@ fn block_device_read_only_flag() {
         s.host.block_device_size(&image),
         Err(HostError::WrongType { .. })
     ));
+}
+
+#[test]
+fn detach_leaves_a_reused_device_number_alone() {
+    let Some(mut s) = Scratch::new() else { return };
+    let (a, b) = (s.path("a.img"), s.path("b.img"));
+    s.host.create_image(&a, 4 * MIB, false).unwrap();
+    s.host.create_image(&b, 4 * MIB, false).unwrap();
+    let old = s.host.loop_attach(&a, rw_dio()).unwrap();
+    s.host.loop_detach(&old).unwrap();
+    // The lowest free number comes back, unless another test took it meanwhile.
+    let new = s.attach(&b, rw_dio());
+    let stale = LoopDevice {
+        device: new.device.clone(),
+        number: new.number,
+        ..old
+    };
+    s.host.loop_detach(&stale).unwrap();
+    let listed = s.host.loop_devices().unwrap();
+    assert!(
+        listed.iter().any(|d| d.device == new.device && d.backing_file == b),
+        "a detach meant for {} took {} from {}",
+        a.display(),
+        new.device.display(),
+        b.display()
+    );
 }

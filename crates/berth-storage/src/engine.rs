@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use berth_host::{FileSystem, HostError, HostOps, LoopOptions, MountRequest, MountSource, TargetKind, magic};
+use berth_host::{
+    FileSystem, HostError, HostOps, LoopDevice, LoopOptions, MountRequest, MountSource, TargetKind, magic,
+};
 
 use crate::crash;
 use crate::id::{self, VolumeId};
@@ -537,6 +539,11 @@ impl Engine {
                 let pool = self.pool(&spec.pool)?;
                 let sub = self.host.btrfs_subvolume_create(&pool.volumes_dir(), id.as_str())?;
                 self.limit_new_subvolume(pool, id, sub, spec.capacity)?;
+                // Files made in the volume overwrite in place. With copy-on-write, a random
+                // overwrite leaves the rest of the old extent referenced ("bookend" extents) and
+                // the qgroup counts both: a 32 MiB file rewritten at random fills a 64 MiB
+                // limit. A `compression` parameter turns copy-on-write back on (apply_mutable).
+                self.host.set_nocow(&pool.subvolume_path(id), true)?;
                 Some(sub)
             }
             Kind::Fs | Kind::Block => {
@@ -684,7 +691,7 @@ impl Engine {
                 let image = pool.image_path(&rec.id);
                 for l in self.host.loop_devices()? {
                     if l.backing_file == image {
-                        self.host.loop_detach(&l.device)?;
+                        self.host.loop_detach(&l)?;
                     }
                 }
                 self.host.remove_file(&image)?;
@@ -920,13 +927,13 @@ impl Engine {
     }
 
     pub(crate) fn loop_device_of(&self, rec: &VolumeRecord) -> Result<Option<PathBuf>> {
+        Ok(self.loop_of(rec)?.map(|l| l.device))
+    }
+
+    /// The loop device attached to a fs or block volume's image, if any.
+    pub(crate) fn loop_of(&self, rec: &VolumeRecord) -> Result<Option<LoopDevice>> {
         let image = self.pool(&rec.pool)?.image_path(&rec.id);
-        Ok(self
-            .host
-            .loop_devices()?
-            .into_iter()
-            .find(|l| l.backing_file == image)
-            .map(|l| l.device))
+        Ok(self.host.loop_devices()?.into_iter().find(|l| l.backing_file == image))
     }
 
     /// Bind-mounts `src` (trusted) at `target` unless something is mounted there already.
@@ -983,9 +990,9 @@ impl Engine {
             self.host.remove_dir(&self.staged_path(&rec.id))?;
         }
         if matches!(rec.kind, Kind::Fs | Kind::Block)
-            && let Some(dev) = self.loop_device_of(rec)?
+            && let Some(l) = self.loop_of(rec)?
         {
-            self.host.loop_detach(&dev)?;
+            self.host.loop_detach(&l)?;
         }
         Ok(())
     }

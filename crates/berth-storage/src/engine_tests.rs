@@ -18,7 +18,7 @@ use berth_host::{
 };
 use rstest::rstest;
 
-use crate::engine::{Engine, EngineConfig, EngineError};
+use crate::engine::{CreateRequest, Engine, EngineConfig, EngineError};
 use crate::id::VolumeId;
 use crate::journal::{VolumeRecord, VolumeState};
 use crate::spec::{AccessMode, Capability, CapacityRange, Kind};
@@ -197,7 +197,7 @@ impl Env {
             self.host.unmount(&leaf.target).unwrap();
         }
         for l in self.host.attached_loops() {
-            self.host.loop_detach(&l.device).unwrap();
+            self.host.loop_detach(&l).unwrap();
         }
         self.host.clear_calls();
     }
@@ -347,6 +347,10 @@ fn create_makes_exactly_the_backend(#[values(Kind::Dir, Kind::Fs, Kind::Block, K
                     subvolume_id: sub,
                     max_referenced: Some(SIZE),
                 },
+                Call::SetNocow {
+                    path: env.volumes_dir().join(vol.id.as_str()),
+                    on: true,
+                },
             ]
         }
         Kind::Fs | Kind::Block => vec![Call::CreateImage {
@@ -383,6 +387,48 @@ fn create_makes_exactly_the_backend(#[values(Kind::Dir, Kind::Fs, Kind::Block, K
     drop(engine);
     let engine = env.open();
     assert_eq!(engine.volume(vol.id.as_str()).unwrap(), vol);
+}
+
+#[test]
+fn dir_volumes_overwrite_in_place_unless_compressed() {
+    let env = Env::new();
+    let engine = env.open();
+    let vol = create(&engine, "v", Kind::Dir);
+    let path = env.volumes_dir().join(vol.id.as_str());
+    assert!(env.host.nocow(&path), "a new dir volume is NOCOW");
+    let set = |v: &str| BTreeMap::from([("compression".to_owned(), v.to_owned())]);
+
+    engine.modify(vol.id.as_str(), &set("zstd")).unwrap();
+    assert!(!env.host.nocow(&path), "compression needs copy-on-write");
+    assert_eq!(
+        env.host.xattrs(&path).get("btrfs.compression").map(Vec::as_slice),
+        Some(&b"zstd"[..])
+    );
+
+    engine.modify(vol.id.as_str(), &set("none")).unwrap();
+    assert!(
+        !env.host.xattrs(&path).contains_key("btrfs.compression"),
+        "none resets the property"
+    );
+    assert!(env.host.nocow(&path), "none restores NOCOW");
+
+    // Created compressed: copy-on-write from the start.
+    let c = engine
+        .create(CreateRequest {
+            name: "c".into(),
+            parameters: params(Kind::Dir),
+            mutable: set("lzo"),
+            capabilities: vec![cap(Kind::Dir)],
+            range: size(SIZE),
+            source: None,
+        })
+        .unwrap();
+    let cpath = env.volumes_dir().join(c.id.as_str());
+    assert!(!env.host.nocow(&cpath));
+    assert_eq!(
+        env.host.xattrs(&cpath).get("btrfs.compression").map(Vec::as_slice),
+        Some(&b"lzo"[..])
+    );
 }
 
 #[rstest]

@@ -146,7 +146,16 @@ impl Engine {
             match (rec.kind, k.as_str()) {
                 (Kind::Dir, "compression") => {
                     let path = self.pool(&rec.pool)?.subvolume_path(&rec.id);
-                    self.host.set_xattr(&path, "btrfs.compression", v.as_bytes())?;
+                    // btrfs compresses only copy-on-write files, and refuses NOCOW while the
+                    // property is set: clear one before setting the other. `none` resets the
+                    // property (empty value) and restores the NOCOW default for new files.
+                    if v == "none" {
+                        self.host.set_xattr(&path, "btrfs.compression", b"")?;
+                        self.host.set_nocow(&path, true)?;
+                    } else {
+                        self.host.set_nocow(&path, false)?;
+                        self.host.set_xattr(&path, "btrfs.compression", v.as_bytes())?;
+                    }
                 }
                 (Kind::Block, "readOnly") => {
                     if let Some(dev) = self.loop_device_of(rec)? {

@@ -108,7 +108,7 @@ impl Engine {
                         }
                     }
                     for l in loops.iter().filter(|l| l.backing_file == path) {
-                        self.host.loop_detach(&l.device)?;
+                        self.host.loop_detach(l)?;
                     }
                     self.host.remove_file(&path)?;
                 }
@@ -166,7 +166,7 @@ impl Engine {
             let ours = self.pools.values().any(|p| l.backing_file.starts_with(p.images_dir()));
             if ours && !needed.contains(&l.backing_file) {
                 tracing::warn!(device = %l.device.display(), "detaching a loop device no stage needs");
-                self.host.loop_detach(&l.device)?;
+                self.host.loop_detach(&l)?;
             }
         }
 

@@ -41,7 +41,7 @@ pub fn teardown(host: &dyn HostOps, data_dir: &Path) -> Result<(), HostError> {
         while host.unmount(&t)? == Unmounted::Removed {}
     }
     for l in loops {
-        host.loop_detach(&l.device)?;
+        host.loop_detach(&l)?;
     }
     Ok(())
 }

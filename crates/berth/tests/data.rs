@@ -571,6 +571,13 @@ async fn group_snapshot_under_lockstep_writer_is_consistent() {
 // 4. ControllerModifyVolume: observable effects; unknown parameters change nothing
 // ---------------------------------------------------------------------------------------------
 
+/// Whether the file has `FS_NOCOW_FL` (btrfs overwrites it in place).
+fn nocow(path: &Path) -> bool {
+    let f = fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let flags = rustix::fs::ioctl_getflags(&f).unwrap_or_else(|e| panic!("getflags {}: {e}", path.display()));
+    flags.contains(rustix::fs::IFlags::NOCOW)
+}
+
 fn compression_xattr(path: &Path) -> Option<String> {
     let mut buf = [0u8; 64];
     match rustix::fs::getxattr(path, "btrfs.compression", &mut buf[..]) {
@@ -616,6 +623,10 @@ async fn modify_dir_compression() {
     let text = 16 * MIB as usize;
     let p = m.target.join("plain.txt");
     blocking(move || write_text(&p, text)).await;
+    assert!(
+        nocow(&m.target.join("plain.txt")),
+        "files of a dir volume overwrite in place"
+    );
     let u0 = used(&t, &m).await;
     assert!(
         u0 >= text as u64,
@@ -632,6 +643,10 @@ async fn modify_dir_compression() {
     );
     let p = m.target.join("zstd.txt");
     blocking(move || write_text(&p, text)).await;
+    assert!(
+        !nocow(&m.target.join("zstd.txt")),
+        "btrfs compresses copy-on-write files only"
+    );
     let u1 = used(&t, &m).await;
     eprintln!(
         "compression: {text} bytes of text took {u0} bytes plain, {} bytes with zstd",
@@ -667,6 +682,7 @@ async fn modify_dir_compression() {
     let before = used(&t, &m).await;
     let p = m.target.join("none.txt");
     blocking(move || write_text(&p, text)).await;
+    assert!(nocow(&m.target.join("none.txt")), "compression=none restores NOCOW");
     let after = used(&t, &m).await;
     assert!(
         after - before >= text as u64 * 3 / 4,

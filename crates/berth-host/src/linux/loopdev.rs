@@ -232,7 +232,8 @@ fn finish(
     (dev, dev_fd)
 }
 
-pub(super) fn detach(device: &Path) -> Result<()> {
+/// Detaches `device` if `backing` is still what it is attached to; `unpin` runs just before.
+pub(super) fn detach(device: &Path, backing: &Path, unpin: impl FnOnce()) -> Result<()> {
     const OP: &str = "loop detach";
     let fd = match rustix::fs::open(
         device,
@@ -249,6 +250,18 @@ pub(super) fn detach(device: &Path) -> Result<()> {
             path: device.to_owned(),
             reason: "is not a block device".into(),
         });
+    }
+    // The fd pins the device: it cannot be detached and handed to someone else while we look.
+    match read_status(rustix::fs::minor(st.st_rdev)) {
+        None => {
+            unpin();
+            return Ok(());
+        }
+        Some(s) if !same_backing(&s.backing_file, backing) => {
+            tracing::debug!(device = %device.display(), now = %s.backing_file.display(), "loop device was reused: not detaching");
+            return Ok(());
+        }
+        Some(_) => unpin(),
     }
     // SAFETY: LOOP_CLR_FD takes no argument.
     let cleared = unsafe { ioctl::ioctl(&fd, NoArg::<LOOP_CLR_FD>::new()) };
@@ -282,6 +295,12 @@ pub(super) fn set_capacity(device: &Path) -> Result<()> {
         // ENXIO: nothing is attached to it.
         Err(e) => Err(HostError::io(OP, device, e)),
     }
+}
+
+/// Whether sysfs's `backing_file` names `want` (sysfs appends " (deleted)" once it is unlinked).
+fn same_backing(sysfs: &Path, want: &Path) -> bool {
+    let s = sysfs.as_os_str().as_bytes();
+    s == want.as_os_str().as_bytes() || s.strip_suffix(b" (deleted)") == Some(want.as_os_str().as_bytes())
 }
 
 struct Status {
