@@ -113,6 +113,12 @@ pub enum Call {
         target: PathBuf,
     },
     Mountinfo,
+    IsMountPoint {
+        path: PathBuf,
+    },
+    LoopDeviceFor {
+        backing: PathBuf,
+    },
     BtrfsSnapshot {
         source: PathBuf,
         dest_parent: PathBuf,
@@ -198,11 +204,13 @@ pub const OPS: &[&str] = &[
     "loop_attach",
     "loop_detach",
     "loop_devices",
+    "loop_device_for",
     "probe_filesystem",
     "mkfs",
     "mount",
     "unmount",
     "mountinfo",
+    "is_mount_point",
     "btrfs_snapshot",
     "clone_file",
     "copy_tree",
@@ -213,6 +221,7 @@ pub const OPS: &[&str] = &[
     "grow_filesystem",
     "reconfigure",
     "set_xattr",
+    "set_nocow",
     "get_xattr",
     "set_block_read_only",
     "block_device_size",
@@ -248,6 +257,8 @@ impl Call {
             Call::Mount { .. } => "mount",
             Call::Unmount { .. } => "unmount",
             Call::Mountinfo => "mountinfo",
+            Call::IsMountPoint { .. } => "is_mount_point",
+            Call::LoopDeviceFor { .. } => "loop_device_for",
             Call::BtrfsSnapshot { .. } => "btrfs_snapshot",
             Call::CloneFile { .. } => "clone_file",
             Call::CopyTree { .. } => "copy_tree",
@@ -295,6 +306,8 @@ impl Call {
                 device.clone()
             }
             Call::LoopDevices | Call::Mountinfo => PathBuf::new(),
+            Call::IsMountPoint { path } => path.clone(),
+            Call::LoopDeviceFor { backing } => backing.clone(),
             Call::BtrfsSnapshot { dest_parent, name, .. } => dest_parent.join(name),
             Call::CloneFile { dest, .. } | Call::CopyTree { dest, .. } => dest.clone(),
             Call::Freeze { mount }
@@ -483,6 +496,8 @@ impl RecordingHost {
             "loop_devices",
             "probe_filesystem",
             "mountinfo",
+            "is_mount_point",
+            "loop_device_for",
             "get_xattr",
             "block_device_size",
         ];
@@ -1563,6 +1578,17 @@ impl HostOps for RecordingHost {
         Ok(st.loops.values().map(|l| st.reported_loop(l)).collect())
     }
 
+    fn loop_device_for(&self, backing: &Path) -> Result<Option<LoopDevice>> {
+        let st = self.begin(Call::LoopDeviceFor {
+            backing: backing.to_owned(),
+        })?;
+        Ok(st
+            .loops
+            .values()
+            .find(|l| l.backing_file == backing)
+            .map(|l| st.reported_loop(l)))
+    }
+
     fn probe_filesystem(&self, device: &Path) -> Result<Option<String>> {
         let st = self.begin(Call::ProbeFilesystem {
             device: device.to_owned(),
@@ -1612,6 +1638,11 @@ impl HostOps for RecordingHost {
             target: target.to_owned(),
         })?;
         st.unmount(target)
+    }
+
+    fn is_mount_point(&self, path: &Path) -> Result<bool> {
+        let st = self.begin(Call::IsMountPoint { path: path.to_owned() })?;
+        Ok(st.mounts.iter().any(|m| m.request.target == path))
     }
 
     fn mountinfo(&self) -> Result<Vec<MountEntry>> {
@@ -2606,10 +2637,11 @@ mod tests {
 
     #[test]
     fn every_op_can_be_failed() {
-        // Every HostOps method (26 + 13 for snapshots, clones and expansion) can be failed.
+        // Every HostOps method (26 + 13 for snapshots, clones and expansion, + set_nocow,
+        // is_mount_point and loop_device_for) can be failed.
         for op in OPS {
             RecordingHost::new().fail_next(op, libc::EIO);
         }
-        assert_eq!(OPS.len(), 39);
+        assert_eq!(OPS.len(), 42);
     }
 }

@@ -306,6 +306,9 @@ pub trait HostOps: Send + Sync + std::fmt::Debug {
     fn loop_detach(&self, device: &LoopDevice) -> Result<()>;
     /// Every attached loop device with its backing file.
     fn loop_devices(&self) -> Result<Vec<LoopDevice>>;
+    /// The loop device attached to `backing`, if any. Cheaper than [`HostOps::loop_devices`]:
+    /// the real host remembers what it attached and scans the kernel's list only once.
+    fn loop_device_for(&self, backing: &Path) -> Result<Option<LoopDevice>>;
 
     // ---- filesystems on devices ----
 
@@ -322,6 +325,9 @@ pub trait HostOps: Send + Sync + std::fmt::Debug {
     fn unmount(&self, target: &Path) -> Result<Unmounted>;
     /// The current mount table of this process's mount namespace.
     fn mountinfo(&self) -> Result<Vec<MountEntry>>;
+    /// Whether a mount's root is at `path` (a final symlink is not followed; a missing path is
+    /// not a mount point). Costs one `statx`, not a read of the whole mount table.
+    fn is_mount_point(&self, path: &Path) -> Result<bool>;
 
     // ---- snapshots, clones, expansion ----
 

@@ -331,6 +331,10 @@ fn ext4_on_a_direct_io_loop_device() {
     assert!(entry.has_mount_option("noatime") && entry.has_mount_option("nosuid"));
     let st = host.statfs(&mnt).unwrap();
     assert_eq!(st.fs_type, berth_host::magic::EXT4);
+    assert_eq!(
+        st.block_size, 4096,
+        "a 64 MiB ext4 gets 4 KiB blocks, not mke2fs's small type"
+    );
     assert!(st.total_bytes > 50 * MIB && st.available_bytes <= st.total_bytes);
 
     write_bytes(&mnt.join("hello"), 2 * MIB).unwrap();
@@ -1263,4 +1267,48 @@ fn detach_leaves_a_reused_device_number_alone() {
         new.device.display(),
         b.display()
     );
+}
+
+#[test]
+fn mount_points_and_loop_lookups_without_scans() {
+    let Some(mut s) = Scratch::new() else { return };
+    let mnt = s.dir("mnt");
+    let missing = s.path("missing");
+    let link = s.path("link");
+    std::os::unix::fs::symlink(&mnt, &link).unwrap();
+    assert!(!s.host.is_mount_point(&mnt).unwrap());
+    assert!(!s.host.is_mount_point(&missing).unwrap());
+    s.mount(MountRequest {
+        source: MountSource::Tmpfs,
+        target: mnt.clone(),
+        read_only: false,
+        options: vec!["size=1M".into()],
+    });
+    assert!(s.host.is_mount_point(&mnt).unwrap());
+    assert!(
+        !s.host.is_mount_point(&link).unwrap(),
+        "a symlink to a mount point is not one"
+    );
+    assert!(!s.host.is_mount_point(s.dir.path()).unwrap());
+
+    let image = s.path("l.img");
+    s.host.create_image(&image, 4 * MIB, false).unwrap();
+    assert_eq!(s.host.loop_device_for(&image).unwrap(), None);
+    let dev = s.attach(&image, rw_dio());
+    let found = s.host.loop_device_for(&image).unwrap().expect("attached");
+    assert_eq!(
+        (found.device.as_path(), found.number),
+        (dev.device.as_path(), dev.number)
+    );
+    s.host.loop_detach(&dev).unwrap();
+    assert_eq!(s.host.loop_device_for(&image).unwrap(), None, "after detach");
+    // A fresh host (a restart) finds what an earlier one attached.
+    let again = s.attach(&image, rw_dio());
+    let fresh = LinuxHost::new();
+    assert_eq!(
+        fresh.loop_device_for(&image).unwrap().map(|d| d.number),
+        Some(again.number)
+    );
+    assert_eq!(s.host.unmount(&mnt).unwrap(), Unmounted::Removed);
+    assert!(!s.host.is_mount_point(&mnt).unwrap());
 }

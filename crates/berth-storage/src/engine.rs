@@ -640,7 +640,7 @@ impl Engine {
     }
 
     pub(crate) fn mounted_at(&self, path: &Path) -> Result<bool> {
-        Ok(self.host.mountinfo()?.iter().any(|m| m.mount_point == path))
+        Ok(self.host.is_mount_point(path)?)
     }
 
     /// DeleteVolume: an unknown id is success; a staged or published volume is refused.
@@ -689,10 +689,8 @@ impl Engine {
             Kind::Fs | Kind::Block => {
                 let pool = self.pool(&rec.pool)?;
                 let image = pool.image_path(&rec.id);
-                for l in self.host.loop_devices()? {
-                    if l.backing_file == image {
-                        self.host.loop_detach(&l)?;
-                    }
+                if let Some(l) = self.host.loop_device_for(&image)? {
+                    self.host.loop_detach(&l)?;
                 }
                 self.host.remove_file(&image)?;
             }
@@ -783,7 +781,7 @@ impl Engine {
                     )),
                     Some(_) => {
                         let staged = lock(&self.state).records.stages.contains_key(&rec.id);
-                        if staged && !self.host.loop_devices()?.iter().any(|l| l.backing_file == image) {
+                        if staged && self.host.loop_device_for(&image)?.is_none() {
                             Condition::bad("volume is staged but its loop device was detached".into())
                         } else {
                             Condition::default()
@@ -912,7 +910,7 @@ impl Engine {
 
     fn attach_image(&self, rec: &VolumeRecord) -> Result<PathBuf> {
         let image = self.pool(&rec.pool)?.image_path(&rec.id);
-        if let Some(l) = self.host.loop_devices()?.into_iter().find(|l| l.backing_file == image) {
+        if let Some(l) = self.host.loop_device_for(&image)? {
             return Ok(l.device);
         }
         let dev = self.host.loop_attach(
@@ -933,7 +931,7 @@ impl Engine {
     /// The loop device attached to a fs or block volume's image, if any.
     pub(crate) fn loop_of(&self, rec: &VolumeRecord) -> Result<Option<LoopDevice>> {
         let image = self.pool(&rec.pool)?.image_path(&rec.id);
-        Ok(self.host.loop_devices()?.into_iter().find(|l| l.backing_file == image))
+        Ok(self.host.loop_device_for(&image)?)
     }
 
     /// Bind-mounts `src` (trusted) at `target` unless something is mounted there already.

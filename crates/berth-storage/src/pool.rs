@@ -87,7 +87,7 @@ impl Pool {
         host.create_dir_all(path, 0o700).map_err(h)?;
         let image = path.join("pool.img");
         let fsroot = path.join("fs");
-        let mounted = host.mountinfo().map_err(h)?.iter().any(|m| m.mount_point == fsroot);
+        let mounted = host.is_mount_point(&fsroot).map_err(h)?;
 
         let (root, image) = if mounted {
             (fsroot, Some(image))
@@ -138,7 +138,7 @@ impl Pool {
 /// that holds no filesystem signature at all, which is what a crash right after creating it
 /// leaves.
 fn mount_image(host: &dyn HostOps, image: &Path, fsroot: &Path, fresh: bool) -> Result<(), HostError> {
-    let device = match host.loop_devices()?.into_iter().find(|l| l.backing_file == image) {
+    let device = match host.loop_device_for(image)? {
         Some(l) => l.device,
         None => {
             host.loop_attach(

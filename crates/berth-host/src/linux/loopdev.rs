@@ -339,17 +339,21 @@ pub(super) fn list() -> Result<Vec<LoopDevice>> {
         else {
             continue;
         };
-        if let Some(s) = read_status(number) {
-            out.push(LoopDevice {
-                device: PathBuf::from(format!("/dev/loop{number}")),
-                number,
-                backing_file: s.backing_file,
-                direct_io: s.direct_io,
-                autoclear: s.autoclear,
-                read_only: s.read_only,
-            });
-        }
+        out.extend(status(number));
     }
     out.sort_by_key(|d| d.number);
     Ok(out)
+}
+
+/// `loopN` as sysfs shows it now; `None` when nothing is attached to it.
+pub(super) fn status(number: u32) -> Option<LoopDevice> {
+    let s = read_status(number)?;
+    Some(LoopDevice {
+        device: PathBuf::from(format!("/dev/loop{number}")),
+        number,
+        backing_file: s.backing_file,
+        direct_io: s.direct_io,
+        autoclear: s.autoclear,
+        read_only: s.read_only,
+    })
 }
