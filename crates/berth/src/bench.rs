@@ -5,7 +5,9 @@
 //! - `berth bench csi` times every CreateVolume, NodeStage, NodePublish, NodeUnpublish,
 //!   NodeUnstage and DeleteVolume call of `count` volumes per kind and prints p50/p99/max;
 //! - `berth bench fio` runs fio on the pool filesystem itself, on a published dir volume and on a
-//!   published fs volume, and prints IOPS, bandwidth and each volume's ratio to the pool.
+//!   published fs volume, and prints IOPS, bandwidth and each volume's ratio to the pool;
+//! - `berth bench snapshot` times snapshots, restores, clones and expansions of full volumes
+//!   (see `snapshot.rs`).
 //!
 //! It prints figures and asserts nothing. It never touches a data dir it did not make (a given
 //! `--data-dir` must be empty), and it always cleans up, on error and on Ctrl-C too: everything
@@ -30,6 +32,8 @@ use serde::Deserialize;
 
 use crate::{NodeOpts, engine_config, open_engine, parse_size};
 
+mod snapshot;
+
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 /// Where scratch dirs go: on disk (not tmpfs), like a real data dir.
@@ -49,6 +53,8 @@ enum BenchCommand {
     Csi(CsiArgs),
     /// fio on a dir and an fs volume, as a ratio to the pool filesystem itself.
     Fio(FioArgs),
+    /// Snapshot, restore, clone and expansion times of full volumes, and the copy fallback.
+    Snapshot(snapshot::SnapshotArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -189,6 +195,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     match args.what {
         BenchCommand::Csi(a) => run_csi(a),
         BenchCommand::Fio(a) => run_fio(a),
+        BenchCommand::Snapshot(a) => snapshot::run(a),
     }
 }
 
