@@ -18,7 +18,7 @@ pub(crate) mod mount;
 use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
@@ -36,10 +36,12 @@ use crate::{
 pub struct LinuxHost {
     /// Autoclear loop devices held open until their filesystem is mounted, by `st_rdev`.
     pinned_loops: Mutex<HashMap<u64, OwnedFd>>,
-    /// Loop device number by backing file: filled by one scan of the kernel's list at the first
-    /// lookup, then kept by attach and detach. Each hit is checked against sysfs; the data
-    /// dir's single owner is the only one attaching its images, so a miss means "not attached".
-    loops_by_backing: Mutex<Option<HashMap<PathBuf, u32>>>,
+    /// Loop device number by the identity (st_dev, st_ino) of its backing file: filled by one
+    /// scan of the kernel's list at the first lookup, then kept by attach and detach. Each hit
+    /// is checked on the device; the data dir's single owner is the only one attaching its
+    /// images, so a miss means "not attached". Identities, unlike sysfs paths, also match
+    /// devices attached from another mount namespace (a restarted managed plugin).
+    loops_by_file: Mutex<Option<HashMap<loopdev::FileId, u32>>>,
 }
 
 impl LinuxHost {
@@ -52,9 +54,9 @@ impl LinuxHost {
         self.pinned_loops.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn loop_index(&self) -> std::sync::MutexGuard<'_, Option<HashMap<PathBuf, u32>>> {
+    fn loop_index(&self) -> std::sync::MutexGuard<'_, Option<HashMap<loopdev::FileId, u32>>> {
         // Same reasoning as `pinned`.
-        self.loops_by_backing.lock().unwrap_or_else(|e| e.into_inner())
+        self.loops_by_file.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Releases the pin of the device at `device`, if any.
@@ -636,41 +638,39 @@ impl HostOps for LinuxHost {
             let st = rustix::fs::fstat(&fd).map_err(|e| HostError::io("loop attach", &device.device, e))?;
             self.pinned().insert(st.st_rdev, fd);
         }
-        if let Some(index) = self.loop_index().as_mut() {
-            index.insert(backing.to_owned(), device.number);
+        if let Some(index) = self.loop_index().as_mut()
+            && let Some(id) = loopdev::file_id(backing)?
+        {
+            index.insert(id, device.number);
         }
         Ok(device)
     }
 
     fn loop_detach(&self, device: &LoopDevice) -> Result<()> {
         loopdev::detach(&device.device, &device.backing_file, || self.unpin(&device.device))?;
-        if let Some(index) = self.loop_index().as_mut()
-            && index.get(&device.backing_file) == Some(&device.number)
-        {
-            index.remove(&device.backing_file);
+        if let Some(index) = self.loop_index().as_mut() {
+            index.retain(|_, n| *n != device.number);
         }
         Ok(())
     }
 
     fn loop_device_for(&self, backing: &Path) -> Result<Option<LoopDevice>> {
+        let Some(id) = loopdev::file_id(backing)? else {
+            return Ok(None);
+        };
         let mut guard = self.loop_index();
         let index = match guard.as_mut() {
             Some(index) => index,
-            None => guard.insert(
-                loopdev::list()?
-                    .into_iter()
-                    .map(|d| (d.backing_file, d.number))
-                    .collect(),
-            ),
+            None => guard.insert(loopdev::ids()?.into_iter().collect()),
         };
-        let Some(&number) = index.get(backing) else {
+        let Some(&number) = index.get(&id) else {
             return Ok(None);
         };
-        match loopdev::status(number) {
-            Some(d) if d.backing_file == backing => Ok(Some(d)),
+        match loopdev::status_if(number, id, backing) {
+            Some(d) => Ok(Some(d)),
             // Detached behind our back (autoclear) or reused: forget it.
-            _ => {
-                index.remove(backing);
+            None => {
+                index.remove(&id);
                 Ok(None)
             }
         }

@@ -21,6 +21,7 @@ use crate::{HostError, LoopDevice, LoopOptions, Result};
 const LOOP_CLR_FD: ioctl::Opcode = 0x4C01;
 const LOOP_SET_CAPACITY: ioctl::Opcode = 0x4C07;
 const LOOP_CONFIGURE: ioctl::Opcode = 0x4C0A;
+const LOOP_GET_STATUS64: ioctl::Opcode = 0x4C05;
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 
 const LO_FLAGS_READ_ONLY: u32 = 1;
@@ -232,6 +233,59 @@ fn finish(
     (dev, dev_fd)
 }
 
+/// The identity `(st_dev, st_ino)` of a file, as `LOOP_GET_STATUS64` reports a backing file's.
+pub(super) type FileId = (u64, u64);
+
+/// `(st_dev, st_ino)` of `path`; `None` if it is gone.
+pub(super) fn file_id(path: &Path) -> Result<Option<FileId>> {
+    match rustix::fs::stat(path) {
+        Ok(st) => Ok(Some((st.st_dev, st.st_ino))),
+        Err(Errno::NOENT | Errno::NOTDIR) => Ok(None),
+        Err(e) => Err(HostError::io("stat backing file", path, e)),
+    }
+}
+
+/// The identity of the file behind an open loop device; `None` when nothing is attached.
+/// Unlike sysfs's `backing_file` (a path as the attaching process's mount namespace saw it),
+/// it means the same in every namespace.
+fn backing_id(dev_fd: &OwnedFd) -> Option<FileId> {
+    // SAFETY: all-zero bytes are a valid `LoopInfo64` (integers and byte arrays).
+    let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
+    // SAFETY: LOOP_GET_STATUS64 fills a `struct loop_info64` (layout and size checked above).
+    unsafe { ioctl::ioctl(dev_fd, Updater::<LOOP_GET_STATUS64, LoopInfo64>::new(&mut info)) }.ok()?;
+    Some((info.lo_device, info.lo_inode))
+}
+
+fn open_device(number: u32) -> Option<OwnedFd> {
+    let path = format!("/dev/loop{number}");
+    rustix::fs::open(
+        path.as_str(),
+        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+    )
+    .ok()
+}
+
+/// Every attached loop device by the identity of its backing file.
+pub(super) fn ids() -> Result<Vec<(FileId, u32)>> {
+    Ok(list()?
+        .into_iter()
+        .filter_map(|d| Some((backing_id(&open_device(d.number)?)?, d.number)))
+        .collect())
+}
+
+/// `loopN` if it is attached to the file `id` (the one at `backing`), reported with `backing`
+/// as its backing file.
+pub(super) fn status_if(number: u32, id: FileId, backing: &Path) -> Option<LoopDevice> {
+    let fd = open_device(number)?;
+    if backing_id(&fd)? != id {
+        return None;
+    }
+    let mut d = status(number)?;
+    d.backing_file = backing.to_owned();
+    Some(d)
+}
+
 /// Detaches `device` if `backing` is still what it is attached to; `unpin` runs just before.
 pub(super) fn detach(device: &Path, backing: &Path, unpin: impl FnOnce()) -> Result<()> {
     const OP: &str = "loop detach";
@@ -252,17 +306,20 @@ pub(super) fn detach(device: &Path, backing: &Path, unpin: impl FnOnce()) -> Res
         });
     }
     // The fd pins the device: it cannot be detached and handed to someone else while we look.
-    match read_status(rustix::fs::minor(st.st_rdev)) {
-        None => {
-            unpin();
-            return Ok(());
-        }
-        Some(s) if !same_backing(&s.backing_file, backing) => {
-            tracing::debug!(device = %device.display(), now = %s.backing_file.display(), "loop device was reused: not detaching");
-            return Ok(());
-        }
-        Some(_) => unpin(),
+    let Some(attached) = backing_id(&fd) else {
+        unpin();
+        return Ok(());
+    };
+    let ours = match file_id(backing)? {
+        Some(id) => id == attached,
+        // The image is gone (a condition check's subject): only its old path can tell.
+        None => read_status(rustix::fs::minor(st.st_rdev)).is_some_and(|s| same_backing(&s.backing_file, backing)),
+    };
+    if !ours {
+        tracing::debug!(device = %device.display(), backing = %backing.display(), "loop device now holds another file: not detaching");
+        return Ok(());
     }
+    unpin();
     // SAFETY: LOOP_CLR_FD takes no argument.
     let cleared = unsafe { ioctl::ioctl(&fd, NoArg::<LOOP_CLR_FD>::new()) };
     if cleared.is_ok() {
