@@ -9,10 +9,13 @@
 pub mod admission;
 pub mod defaults;
 pub mod error;
+pub mod names;
 pub mod patch;
 pub mod printing;
+pub mod quantity;
 pub mod resources;
 pub mod selector;
+pub mod snapshot;
 pub mod validation;
 
 pub use error::{FieldError, FieldErrorKind};
