@@ -20,7 +20,10 @@ const RECLAIM_POLICIES: &[&str] = &["Delete", "Recycle", "Retain"];
 /// `PersistentVolumeSource` members, in the order Kubernetes checks them.
 pub(crate) const PV_SOURCES: &[&str] = &[
     "hostPath",
+    "gcePersistentDisk",
+    "awsElasticBlockStore",
     "glusterfs",
+    "flocker",
     "nfs",
     "rbd",
     "quobyte",
@@ -33,14 +36,11 @@ pub(crate) const PV_SOURCES: &[&str] = &[
     "vsphereVolume",
     "photonPersistentDisk",
     "portworxVolume",
+    "azureDisk",
     "scaleIO",
     "local",
     "storageos",
     "csi",
-    "gcePersistentDisk",
-    "awsElasticBlockStore",
-    "flocker",
-    "azureDisk",
 ];
 
 /// `VolumeSource` members of a pod volume.
@@ -78,6 +78,7 @@ const POD_VOLUME_SOURCES: &[&str] = &[
 ];
 
 const MAX_SECRET_SIZE: usize = 1024 * 1024;
+const BETA_CLASS: &str = "volume.beta.kubernetes.io/storage-class";
 const CONFIG_KEY_MSG: &str = "a valid config key must consist of alphanumeric characters, '-', '_' or '.' (e.g. 'key.name',  or 'KEY_NAME',  or 'key-name', regex used for validation is '[-._a-zA-Z0-9]+')";
 
 fn access_modes(spec: &Value, path: &str, required_detail: &str) -> Vec<FieldError> {
@@ -322,50 +323,106 @@ fn nfs(src: &Value, p: &str) -> Vec<FieldError> {
 
 pub(crate) fn pv(obj: &Value) -> Vec<FieldError> {
     let spec = obj.get("spec").cloned().unwrap_or(Value::Null);
-    pv_spec(&spec, "spec")
+    pv_spec(&spec, "spec", false)
 }
 
-pub(crate) fn pv_spec(spec: &Value, path: &str) -> Vec<FieldError> {
-    let mut errs = access_modes(spec, path, "");
+/// `ValidatePersistentVolumeSpec`; `inline` is the VolumeAttachment `inlineVolumeSpec` case,
+/// where capacity, claimRef, class and node affinity are forbidden and CSI is required.
+pub(crate) fn pv_spec(spec: &Value, path: &str, inline: bool) -> Vec<FieldError> {
+    const INLINE: &str = "may not be specified in the context of inline volumes";
+    let mut errs = Vec::new();
+    let present = |k: &str| spec.get(k).is_some_and(|v| !v.is_null());
+    if inline {
+        if present("claimRef") {
+            errs.push(forbidden(format!("{path}.claimRef"), INLINE));
+        }
+        if get(spec, &["capacity"])
+            .and_then(Value::as_object)
+            .is_some_and(|c| !c.is_empty())
+        {
+            errs.push(forbidden(format!("{path}.capacity"), INLINE));
+        }
+        if !present("csi") {
+            errs.push(required(
+                format!("{path}.csi"),
+                "has to be specified in the context of inline volumes",
+            ));
+        }
+    }
+    errs.extend(access_modes(spec, path, ""));
     let cap_field = format!("{path}.capacity");
-    match get(spec, &["capacity"]).and_then(Value::as_object) {
-        None => errs.push(required(&cap_field, "")),
-        Some(cap) if cap.is_empty() => errs.push(required(&cap_field, "")),
-        Some(cap) => {
-            if !cap.contains_key("storage") || cap.len() > 1 {
-                errs.push(
-                    FieldError::new(
-                        FieldErrorKind::NotSupported,
-                        &cap_field,
-                        "supported values: \"storage\"",
-                    )
-                    .with_value(Value::Object(cap.clone()).to_string()),
-                );
-            }
-            for (k, v) in cap {
-                errs.extend(positive_quantity(v, &format!("{cap_field}[{k}]")).0);
+    if !inline {
+        match get(spec, &["capacity"]).and_then(Value::as_object) {
+            None => errs.push(required(&cap_field, "")),
+            Some(cap) if cap.is_empty() => errs.push(required(&cap_field, "")),
+            Some(cap) => {
+                if !cap.contains_key("storage") || cap.len() > 1 {
+                    errs.push(
+                        FieldError::new(
+                            FieldErrorKind::NotSupported,
+                            &cap_field,
+                            "supported values: \"storage\"",
+                        )
+                        .with_value(Value::Object(cap.clone()).to_string()),
+                    );
+                }
+                for (k, v) in cap {
+                    errs.extend(positive_quantity(v, &format!("{cap_field}[{k}]")).0);
+                }
             }
         }
     }
-    if let Some(p) = get_str(spec, &["persistentVolumeReclaimPolicy"])
-        && !RECLAIM_POLICIES.contains(&p)
-    {
-        errs.push(not_supported(
+    if let Some(p) = get_str(spec, &["persistentVolumeReclaimPolicy"]).filter(|p| !p.is_empty()) {
+        if inline {
+            if p != "Retain" {
+                errs.push(forbidden(
+                    format!("{path}.persistentVolumeReclaimPolicy"),
+                    "may only be Retain in the context of inline volumes",
+                ));
+            }
+        } else if !RECLAIM_POLICIES.contains(&p) {
+            errs.push(not_supported(
+                format!("{path}.persistentVolumeReclaimPolicy"),
+                p,
+                RECLAIM_POLICIES,
+            ));
+        }
+    }
+    if let Some(na) = spec.get("nodeAffinity").filter(|v| !v.is_null()) {
+        if inline {
+            errs.push(forbidden(format!("{path}.nodeAffinity"), INLINE));
+        } else {
+            match na.get("required").filter(|v| !v.is_null()) {
+                None => errs.push(required(
+                    format!("{path}.nodeAffinity.required"),
+                    "must specify required node constraints",
+                )),
+                Some(r) => errs.extend(node_selector(r, &format!("{path}.nodeAffinity.required"))),
+            }
+        }
+    }
+    errs.extend(pv_source(spec, path));
+    let host_root =
+        get_str(spec, &["hostPath", "path"]).is_some_and(|p| p.starts_with('/') && p.trim_matches('/').is_empty());
+    if host_root && get_str(spec, &["persistentVolumeReclaimPolicy"]) == Some("Recycle") {
+        errs.push(forbidden(
             format!("{path}.persistentVolumeReclaimPolicy"),
-            p,
-            RECLAIM_POLICIES,
+            "may not be 'recycle' for a hostPath mount of '/'",
         ));
     }
-    errs.extend(class_name(spec, path));
-    errs.extend(volume_mode(spec, path));
-    if let Some(na) = spec.get("nodeAffinity").filter(|v| !v.is_null()) {
-        match na.get("required").filter(|v| !v.is_null()) {
-            None => errs.push(required(
-                format!("{path}.nodeAffinity.required"),
-                "must specify required node constraints",
-            )),
-            Some(r) => errs.extend(node_selector(r, &format!("{path}.nodeAffinity.required"))),
+    if inline {
+        if get_str(spec, &["storageClassName"]).is_some_and(|c| !c.is_empty()) {
+            errs.push(forbidden(format!("{path}.storageClassName"), INLINE));
         }
+        if get_str(spec, &["volumeMode"]).is_some_and(|m| m != "Filesystem") {
+            errs.push(forbidden(
+                format!("{path}.volumeMode"),
+                "may not specify volumeMode other than Filesystem in the context of inline volumes",
+            ));
+        }
+    } else {
+        errs.extend(class_name(spec, path));
+        errs.extend(volume_mode(spec, path));
     }
     if let Some(vac) = get_str(spec, &["volumeAttributesClassName"]) {
         if vac.is_empty() {
@@ -380,8 +437,13 @@ pub(crate) fn pv_spec(spec: &Value, path: &str) -> Vec<FieldError> {
                 names::dns1123_subdomain(vac),
             ));
         }
+        if !present("csi") {
+            errs.push(required(
+                format!("{path}.csi"),
+                "has to be specified when using volumeAttributesClassName",
+            ));
+        }
     }
-    errs.extend(pv_source(spec, path));
     errs
 }
 
@@ -399,7 +461,18 @@ fn pv_sources_of(spec: Option<&Value>) -> Value {
 
 pub(crate) fn pv_update(new: &Value, old: &Value) -> Vec<FieldError> {
     let mut errs = Vec::new();
-    if pv_sources_of(new.get("spec")) != pv_sources_of(old.get("spec")) {
+    let mut new_sources = pv_sources_of(new.get("spec"));
+    let old_sources = pv_sources_of(old.get("spec"));
+    // A CSI volume may get a controllerExpandSecretRef after creation.
+    if old_sources.pointer("/csi").is_some()
+        && old_sources
+            .pointer("/csi/controllerExpandSecretRef")
+            .is_none_or(Value::is_null)
+        && let Some(csi) = new_sources.get_mut("csi").and_then(Value::as_object_mut)
+    {
+        csi.remove("controllerExpandSecretRef");
+    }
+    if new_sources != old_sources {
         errs.push(forbidden(
             "spec.persistentvolumesource",
             "spec.persistentvolumesource is immutable after creation",
@@ -417,7 +490,25 @@ pub(crate) fn pv_update(new: &Value, old: &Value) -> Vec<FieldError> {
             Some(old_na),
         ));
     }
+    errs.extend(vac_update(new, old, false));
     errs
+}
+
+/// A volumeAttributesClassName, once set, may change but not be removed (nor, on claims, emptied).
+fn vac_update(new: &Value, old: &Value, claim: bool) -> Vec<FieldError> {
+    let n = get(new, &["spec", "volumeAttributesClassName"]).filter(|v| !v.is_null());
+    let o = get(old, &["spec", "volumeAttributesClassName"]).filter(|v| !v.is_null());
+    match (o, n) {
+        (Some(_), None) => vec![forbidden(
+            "spec.volumeAttributesClassName",
+            "update from non-nil value to nil is forbidden",
+        )],
+        (Some(_), Some(Value::String(s))) if claim && s.is_empty() => vec![forbidden(
+            "spec.volumeAttributesClassName",
+            "update from non-nil value to an empty string is forbidden",
+        )],
+        _ => Vec::new(),
+    }
 }
 
 pub(crate) fn pv_status(obj: &Value) -> Vec<FieldError> {
@@ -434,14 +525,27 @@ pub(crate) fn pvc(obj: &Value) -> Vec<FieldError> {
 }
 
 pub(crate) fn pvc_spec(spec: &Value, path: &str) -> Vec<FieldError> {
-    let mut errs = access_modes(spec, path, "at least 1 access mode is required");
+    let modes: Vec<&str> = get_array(spec, &["accessModes"])
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let mut errs = Vec::new();
+    if modes.is_empty() {
+        errs.push(required(
+            format!("{path}.accessModes"),
+            "at least 1 access mode is required",
+        ));
+    }
     errs.extend(validate_label_selector(
         spec.get("selector").filter(|v| !v.is_null()),
         &format!("{path}.selector"),
     ));
+    if !modes.is_empty() {
+        errs.extend(access_modes(spec, path, ""));
+    }
     match get(spec, &["resources", "requests", "storage"]) {
         None => errs.push(required(format!("{path}.resources[storage]"), "")),
-        Some(v) => errs.extend(positive_quantity(v, &format!("{path}.resources.requests[storage]")).0),
+        Some(v) => errs.extend(positive_quantity(v, &format!("{path}.resources[storage]")).0),
     }
     if let Some(limits) = get(spec, &["resources", "limits"]).and_then(Value::as_object) {
         for (k, v) in limits {
@@ -468,8 +572,8 @@ pub(crate) fn pvc_spec(spec: &Value, path: &str) -> Vec<FieldError> {
     if let (Some(ds), Some(dsr)) = (ds, dsr) {
         if get_str(dsr, &["namespace"]).is_some_and(|n| !n.is_empty()) {
             errs.push(invalid(
+                path,
                 format!("{path}.dataSource"),
-                render(ds),
                 "may not be specified when dataSourceRef.namespace is specified",
             ));
         } else {
@@ -481,7 +585,7 @@ pub(crate) fn pvc_spec(spec: &Value, path: &str) -> Vec<FieldError> {
                 )
             };
             if key(ds) != key(dsr) {
-                errs.push(invalid(path, quote("dataSource"), "must match dataSourceRef"));
+                errs.push(invalid(path, format!("{path}.dataSource"), "must match dataSourceRef"));
             }
         }
     }
@@ -529,11 +633,23 @@ pub(crate) fn pvc_update(new: &Value, old: &Value) -> Vec<FieldError> {
     {
         o.insert("volumeName".to_owned(), n.clone());
     }
-    // A claim without a class may get one later (retroactive default StorageClass).
+    // A claim without a class may get one later (retroactive default StorageClass, or the
+    // upgrade from the beta annotation), if it agrees with the old annotation.
+    let beta = |v: &Value| get_str(v, &["metadata", "annotations", BETA_CLASS]).map(str::to_owned);
+    let new_class = get_str(&new_spec, &["storageClassName"]).map(str::to_owned);
     if old_spec.get("storageClassName").is_none_or(Value::is_null)
-        && let (Some(o), Some(n)) = (old_spec.as_object_mut(), new_spec.get("storageClassName"))
+        && let Some(n) = &new_class
+        && beta(old).is_none_or(|a| &a == n)
+        && let Some(o) = old_spec.as_object_mut()
     {
-        o.insert("storageClassName".to_owned(), n.clone());
+        o.insert("storageClassName".to_owned(), Value::String(n.clone()));
+    }
+    if beta(old).is_some() && beta(new) != beta(old) {
+        errs.push(invalid(
+            format!("metadata.annotations[{BETA_CLASS}]"),
+            quote(beta(new).as_deref().unwrap_or("")),
+            "field is immutable",
+        ));
     }
     let phase = get_str(new, &["status", "phase"]).or_else(|| get_str(old, &["status", "phase"]));
     if phase == Some("Bound") {
@@ -576,6 +692,12 @@ pub(crate) fn pvc_update(new: &Value, old: &Value) -> Vec<FieldError> {
             "field can not be less than status.capacity",
         ));
     }
+    errs.extend(immutable(
+        "volumeMode",
+        get(new, &["spec", "volumeMode"]),
+        get(old, &["spec", "volumeMode"]),
+    ));
+    errs.extend(vac_update(new, old, true));
     errs
 }
 

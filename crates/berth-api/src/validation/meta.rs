@@ -43,7 +43,7 @@ pub(crate) fn validate_object_meta(res: &Resource, obj: &Value) -> Vec<FieldErro
             errs.extend(name_errors("metadata.namespace", ns, names::dns1123_label(ns)));
         }
     } else if !ns.is_empty() {
-        errs.push(forbidden("metadata.namespace", "not allowed on cluster-scoped objects"));
+        errs.push(forbidden("metadata.namespace", "not allowed on this type"));
     }
     if let Some(g) = get(&meta, &["generation"]).and_then(Value::as_i64)
         && g < 0

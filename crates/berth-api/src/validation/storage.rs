@@ -158,7 +158,7 @@ pub(crate) fn volume_attachment(obj: &Value) -> Vec<FieldError> {
                 ));
             }
         }
-        (None, Some(spec)) => errs.extend(pv_spec(spec, "spec.source.inlineVolumeSpec")),
+        (None, Some(spec)) => errs.extend(pv_spec(spec, "spec.source.inlineVolumeSpec", true)),
     }
     let node = get_str(obj, &["spec", "nodeName"]).unwrap_or("");
     errs.extend(name_errors("spec.nodeName", node, names::dns1123_subdomain(node)));

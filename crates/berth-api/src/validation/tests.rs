@@ -80,7 +80,7 @@ fn with(mut base: Value, pointer: &str, v: Value) -> Value {
 #[case::affinity_required(with(pv(), "/spec/nodeAffinity", json!({})), vec!["spec.nodeAffinity.required: Required value: must specify required node constraints"])]
 #[case::name(with(pv(), "/metadata/name", json!("PV_1")), vec!["metadata.name: Invalid value: \"PV_1\": a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"])]
 #[case::no_name(with(pv(), "/metadata", json!({})), vec!["metadata.name: Required value: name or generateName is required"])]
-#[case::namespace_on_cluster_kind(with(pv(), "/metadata/namespace", json!("x")), vec!["metadata.namespace: Forbidden: not allowed on cluster-scoped objects"])]
+#[case::namespace_on_cluster_kind(with(pv(), "/metadata/namespace", json!("x")), vec!["metadata.namespace: Forbidden: not allowed on this type"])]
 #[case::wrong_type(with(pv(), "/spec/accessModes", json!("ReadWriteOnce")), vec!["spec.accessModes: Invalid value: invalid type: string \"ReadWriteOnce\", expected a sequence"])]
 fn persistent_volume_create(#[case] obj: Value, #[case] want: Vec<&str>) {
     assert_eq!(create("PersistentVolume", obj), want);
@@ -90,12 +90,12 @@ fn persistent_volume_create(#[case] obj: Value, #[case] want: Vec<&str>) {
 #[case::valid(pvc(), vec![])]
 #[case::no_modes(with(pvc(), "/spec/accessModes", Value::Null), vec!["spec.accessModes: Required value: at least 1 access mode is required"])]
 #[case::no_storage(with(pvc(), "/spec/resources/requests", json!({})), vec!["spec.resources[storage]: Required value"])]
-#[case::zero_storage(with(pvc(), "/spec/resources/requests/storage", json!("0")), vec!["spec.resources.requests[storage]: Invalid value: \"0\": must be greater than zero"])]
+#[case::zero_storage(with(pvc(), "/spec/resources/requests/storage", json!("0")), vec!["spec.resources[storage]: Invalid value: \"0\": must be greater than zero"])]
 #[case::no_namespace(with(pvc(), "/metadata/namespace", Value::Null), vec!["metadata.namespace: Required value"])]
 #[case::bad_class(with(pvc(), "/spec/storageClassName", json!("Fast!")), vec!["spec.storageClassName: Invalid value: \"Fast!\": a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"])]
 #[case::volume_mode(with(pvc(), "/spec/volumeMode", json!("Raw")), vec!["spec.volumeMode: Unsupported value: \"Raw\": supported values: \"Block\", \"Filesystem\""])]
 #[case::data_source_kind(with(pvc(), "/spec/dataSource", json!({"kind": "Pod", "name": "x"})), vec!["spec.dataSource: Invalid value: \"Pod\": must be 'PersistentVolumeClaim' when referencing the default apiGroup", "spec.dataSourceRef: Invalid value: \"Pod\": must be 'PersistentVolumeClaim' when referencing the default apiGroup"])]
-#[case::data_source_mismatch(with(with(pvc(), "/spec/dataSource", json!({"kind": "PersistentVolumeClaim", "name": "a"})), "/spec/dataSourceRef", json!({"kind": "PersistentVolumeClaim", "name": "b"})), vec!["spec: Invalid value: \"dataSource\": must match dataSourceRef"])]
+#[case::data_source_mismatch(with(with(pvc(), "/spec/dataSource", json!({"kind": "PersistentVolumeClaim", "name": "a"})), "/spec/dataSourceRef", json!({"kind": "PersistentVolumeClaim", "name": "b"})), vec!["spec: Invalid value: spec.dataSource: must match dataSourceRef"])]
 #[case::snapshot_source(with(pvc(), "/spec/dataSourceRef", json!({"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "s"})), vec![])]
 #[case::selector(with(pvc(), "/spec/selector", json!({"matchExpressions": [{"key": "tier", "operator": "In"}]})), vec!["spec.selector.matchExpressions[0].values: Required value: must be specified when `operator` is 'In' or 'NotIn'"])]
 #[case::label(with(pvc(), "/metadata/labels", json!({"app": "-x"})), vec!["metadata.labels: Invalid value: \"-x\": a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyValue',  or 'my_value',  or '12345', regex used for validation is '(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?')"])]
@@ -401,4 +401,76 @@ fn non_objects_do_not_panic() {
             crate::defaults::apply(r, &mut b);
         }
     }
+}
+
+#[test]
+fn inline_volume_attachment_spec() {
+    let va = json!({"metadata": {"name": "csi-1"}, "spec": {"attacher": "berth.csi.io", "nodeName": "n1",
+        "source": {"inlineVolumeSpec": {"accessModes": ["ReadWriteOnce"], "capacity": {"storage": "1Gi"},
+                                        "persistentVolumeReclaimPolicy": "Delete",
+                                        "csi": {"driver": "berth.csi.io", "volumeHandle": "v"}}}}});
+    assert_eq!(
+        create("VolumeAttachment", va),
+        vec![
+            "spec.source.inlineVolumeSpec.capacity: Forbidden: may not be specified in the context of inline volumes",
+            "spec.source.inlineVolumeSpec.persistentVolumeReclaimPolicy: Forbidden: may only be Retain in the context of inline volumes",
+        ]
+    );
+}
+
+#[test]
+fn persistent_volume_update_details() {
+    let vac = with(pv(), "/spec/volumeAttributesClassName", json!("gold"));
+    assert_eq!(
+        update(
+            "PersistentVolume",
+            with(vac.clone(), "/spec/volumeAttributesClassName", Value::Null),
+            vac
+        ),
+        vec!["spec.volumeAttributesClassName: Forbidden: update from non-nil value to nil is forbidden"]
+    );
+    let secret = with(
+        pv(),
+        "/spec/csi/controllerExpandSecretRef",
+        json!({"name": "s", "namespace": "n"}),
+    );
+    assert_eq!(update("PersistentVolume", secret, pv()), Vec::<String>::new());
+    let no_csi = with(
+        with(pv(), "/spec/csi", Value::Null),
+        "/spec/nfs",
+        json!({"server": "s", "path": "/x"}),
+    );
+    assert_eq!(
+        create(
+            "PersistentVolume",
+            with(no_csi, "/spec/volumeAttributesClassName", json!("gold"))
+        ),
+        vec!["spec.csi: Required value: has to be specified when using volumeAttributesClassName"]
+    );
+}
+
+#[test]
+fn persistent_volume_claim_update_details() {
+    let block = with(pvc(), "/spec/volumeMode", json!("Block"));
+    let errs = update("PersistentVolumeClaim", block, pvc());
+    assert!(
+        errs.contains(&"volumeMode: Invalid value: \"Block\": field is immutable".to_owned()),
+        "{errs:?}"
+    );
+    let beta = with(
+        pvc(),
+        "/metadata/annotations",
+        json!({"volume.beta.kubernetes.io/storage-class": "old"}),
+    );
+    // Upgrading from the beta annotation to the field, with the same class, is allowed.
+    assert!(
+        update(
+            "PersistentVolumeClaim",
+            with(beta.clone(), "/spec/storageClassName", json!("old")),
+            beta.clone()
+        )
+        .is_empty()
+    );
+    let other = with(beta.clone(), "/spec/storageClassName", json!("new"));
+    assert!(!update("PersistentVolumeClaim", other, beta).is_empty());
 }
