@@ -13,9 +13,11 @@ use serde_json::Value;
 
 use crate::{Resource, names};
 
-/// A selector string that does not parse; the server answers 400 with this message.
+/// A selector string that does not parse; the server answers 400 with this message, which is
+/// Kubernetes' own (`unable to parse requirement: ...` for a bad term, `found ',', expected: ...`
+/// between terms, `field label not supported: ...` for fields).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unable to parse requirement: {0}")]
+#[error("{0}")]
 pub struct SelectorError(pub String);
 
 /// A label requirement's operator.
@@ -163,6 +165,15 @@ struct Parser {
     pos: usize,
 }
 
+/// `[a, b]` for several errors, as Kubernetes' error aggregates print.
+fn aggregate(errs: Vec<String>) -> Option<String> {
+    match errs.len() {
+        0 => None,
+        1 => errs.into_iter().next(),
+        _ => Some(format!("[{}]", errs.join(", "))),
+    }
+}
+
 impl Parser {
     fn peek(&self) -> &Tok {
         self.toks.get(self.pos).unwrap_or(&Tok::End)
@@ -176,7 +187,42 @@ impl Parser {
         t
     }
 
-    fn requirement(&mut self) -> Result<Requirement, SelectorError> {
+    /// The whole selector: requirements separated by commas. Errors inside a requirement are
+    /// prefixed `unable to parse requirement: `; errors between requirements are not.
+    fn selector(&mut self) -> Result<Vec<Requirement>, String> {
+        let mut out = Vec::new();
+        loop {
+            match self.peek() {
+                Tok::Ident(_) | Tok::Not => {
+                    let r = self
+                        .requirement()
+                        .map_err(|e| format!("unable to parse requirement: {e}"))?;
+                    out.push(r);
+                    match self.next() {
+                        Tok::End => return Ok(out),
+                        Tok::Comma => {
+                            if !matches!(self.peek(), Tok::Ident(_) | Tok::Not) {
+                                return Err(format!(
+                                    "found '{}', expected: identifier after ','",
+                                    self.peek().text()
+                                ));
+                            }
+                        }
+                        t => return Err(format!("found '{}', expected: ',' or 'end of string'", t.text())),
+                    }
+                }
+                Tok::End => return Ok(out),
+                t => {
+                    return Err(format!(
+                        "found '{}', expected: !, identifier, or 'end of string'",
+                        t.text()
+                    ));
+                }
+            }
+        }
+    }
+
+    fn requirement(&mut self) -> Result<Requirement, String> {
         let mut op = None;
         let mut tok = self.next();
         if tok == Tok::Not {
@@ -184,25 +230,22 @@ impl Parser {
             tok = self.next();
         }
         let Tok::Ident(key) = tok else {
-            let after = if op.is_some() { " after '!'" } else { "" };
-            return Err(SelectorError(format!(
-                "found '{}', expected: identifier{after}",
-                tok.text()
-            )));
+            return Err(format!("found '{}', expected: identifier", tok.text()));
         };
-        validate_key(&key)?;
+        // Kubernetes checks the key here with no field path, hence its `<nil>`.
+        let key_errs = names::qualified_name(&key);
+        if !key_errs.is_empty() {
+            return Err(format!("<nil>: Invalid value: {:?}: {}", key, key_errs.join("; ")));
+        }
         if matches!(self.peek(), Tok::End | Tok::Comma) {
+            op = Some(op.unwrap_or(LabelOp::Exists));
+        }
+        if let Some(op) = op {
             return Ok(Requirement {
                 key,
-                op: op.unwrap_or(LabelOp::Exists),
+                op,
                 values: BTreeSet::new(),
             });
-        }
-        if op.is_some() {
-            return Err(SelectorError(format!(
-                "found '{}', expected: ',' or end of string",
-                self.peek().text()
-            )));
         }
         let op = match self.next() {
             Tok::Eq | Tok::DoubleEq => LabelOp::Equals,
@@ -211,110 +254,118 @@ impl Parser {
             Tok::Lt => LabelOp::LessThan,
             Tok::Ident(s) if s == "in" => LabelOp::In,
             Tok::Ident(s) if s == "notin" => LabelOp::NotIn,
-            t => {
-                return Err(SelectorError(format!(
-                    "found '{}', expected: in, notin, =, ==, !=, gt, lt",
-                    t.text()
-                )));
-            }
+            t => return Err(format!("found '{}', expected: '=', '!=', '==', 'in', notin'", t.text())),
         };
         let values = match op {
             LabelOp::In | LabelOp::NotIn => self.value_set()?,
-            _ => {
-                let v = match self.peek() {
-                    Tok::End | Tok::Comma => String::new(),
-                    Tok::Ident(_) => self.next().text(),
-                    t => return Err(SelectorError(format!("found '{}', expected: identifier", t.text()))),
-                };
-                if matches!(op, LabelOp::GreaterThan | LabelOp::LessThan) && v.parse::<i64>().is_err() {
-                    return Err(SelectorError(format!(
-                        "values[0]: Invalid value: \"{v}\": for 'Gt', 'Lt' operators, the value must be an integer"
-                    )));
-                }
-                BTreeSet::from([v])
-            }
+            _ => self.exact_value()?,
         };
-        for (i, v) in values.iter().enumerate() {
-            if let Some(m) = names::label_value(v).into_iter().next() {
-                return Err(SelectorError(format!(
-                    "values[{i}][{key}]: Invalid value: \"{v}\": {m}"
-                )));
+        // NewRequirement's checks on the values, in its order.
+        let mut errs = Vec::new();
+        if matches!(op, LabelOp::GreaterThan | LabelOp::LessThan) {
+            for (i, v) in values.iter().enumerate() {
+                if v.parse::<i64>().is_err() {
+                    errs.push(format!(
+                        "values[{i}]: Invalid value: {v:?}: for 'Gt', 'Lt' operators, the value must be an integer"
+                    ));
+                }
             }
         }
-        Ok(Requirement { key, op, values })
+        for (i, v) in values.iter().enumerate() {
+            let msgs = names::label_value(v);
+            if !msgs.is_empty() {
+                errs.push(format!("values[{i}][{key}]: Invalid value: {v:?}: {}", msgs.join("; ")));
+            }
+        }
+        match aggregate(errs) {
+            Some(e) => Err(e),
+            None => Ok(Requirement { key, op, values }),
+        }
     }
 
-    fn value_set(&mut self) -> Result<BTreeSet<String>, SelectorError> {
+    fn exact_value(&mut self) -> Result<BTreeSet<String>, String> {
+        match self.peek() {
+            Tok::End | Tok::Comma => Ok(BTreeSet::from([String::new()])),
+            _ => match self.next() {
+                Tok::Ident(v) => Ok(BTreeSet::from([v])),
+                t => Err(format!("found '{}', expected: identifier", t.text())),
+            },
+        }
+    }
+
+    fn value_set(&mut self) -> Result<BTreeSet<String>, String> {
         let t = self.next();
         if t != Tok::Open {
-            return Err(SelectorError(format!("found '{}', expected: '('", t.text())));
+            return Err(format!("found '{}' expected: '('", t.text()));
         }
+        let first = self.peek().clone();
+        match first {
+            Tok::Ident(_) | Tok::Comma => {
+                let values = self.identifiers()?;
+                if self.next() != Tok::Close {
+                    return Err(format!("found '{}', expected: ')'", first.text()));
+                }
+                Ok(values)
+            }
+            Tok::Close => {
+                self.next();
+                Ok(BTreeSet::from([String::new()]))
+            }
+            t => Err(format!("found '{}', expected: ',', ')' or identifier", t.text())),
+        }
+    }
+
+    /// A possibly empty, comma-separated list of possibly empty values; stops before `)`.
+    fn identifiers(&mut self) -> Result<BTreeSet<String>, String> {
         let mut values = BTreeSet::new();
-        if *self.peek() == Tok::Close {
-            self.next();
-            values.insert(String::new());
-            return Ok(values);
-        }
         loop {
             match self.next() {
                 Tok::Ident(v) => {
                     values.insert(v);
-                    match self.next() {
-                        Tok::Comma => {}
+                    match self.peek() {
+                        Tok::Comma => continue,
                         Tok::Close => return Ok(values),
-                        t => return Err(SelectorError(format!("found '{}', expected: ',' or ')'", t.text()))),
+                        t => return Err(format!("found '{}', expected: ',' or ')'", t.text())),
                     }
                 }
-                // `in (a,)` and `in (,a)` carry an empty value, as in Kubernetes.
                 Tok::Comma => {
-                    values.insert(String::new());
+                    if values.is_empty() {
+                        values.insert(String::new());
+                    }
+                    match self.peek() {
+                        Tok::Close => {
+                            values.insert(String::new());
+                            return Ok(values);
+                        }
+                        Tok::Comma => {
+                            self.next();
+                            values.insert(String::new());
+                        }
+                        _ => {}
+                    }
                 }
-                Tok::Close => {
-                    values.insert(String::new());
-                    return Ok(values);
-                }
-                t => {
-                    return Err(SelectorError(format!(
-                        "found '{}', expected: ',', ')' or identifier",
-                        t.text()
-                    )));
-                }
+                t => return Err(format!("found '{}', expected: ',', or identifier", t.text())),
             }
         }
     }
 }
 
 fn validate_key(key: &str) -> Result<(), SelectorError> {
-    match names::qualified_name(key).into_iter().next() {
-        Some(m) => Err(SelectorError(format!("key: Invalid value: \"{key}\": {m}"))),
-        None => Ok(()),
+    let msgs = names::qualified_name(key);
+    if msgs.is_empty() {
+        Ok(())
+    } else {
+        Err(SelectorError(format!(
+            "key: Invalid value: {key:?}: {}",
+            msgs.join("; ")
+        )))
     }
 }
 
 impl LabelSelector {
     pub fn parse(s: &str) -> Result<Self, SelectorError> {
         let mut p = Parser { toks: lex(s), pos: 0 };
-        let mut requirements = Vec::new();
-        if *p.peek() == Tok::End {
-            return Ok(LabelSelector { requirements });
-        }
-        loop {
-            requirements.push(p.requirement()?);
-            match p.next() {
-                Tok::End => break,
-                Tok::Comma => {
-                    if *p.peek() == Tok::End {
-                        return Err(SelectorError("found '', expected: identifier".into()));
-                    }
-                }
-                t => {
-                    return Err(SelectorError(format!(
-                        "found '{}', expected: ',' or 'end of string'",
-                        t.text()
-                    )));
-                }
-            }
-        }
+        let requirements = p.selector().map_err(SelectorError)?;
         Ok(LabelSelector { requirements })
     }
 
@@ -596,18 +647,22 @@ mod tests {
     #[case("replicas>2", &[("replicas", "3")], true)]
     #[case("replicas<2", &[("replicas", "3")], false)]
     #[case("example.com/role in (in, notin)", &[("example.com/role", "notin")], true)]
+    #[case("x in (foo,,baz),y,z notin ()", &[("x", ""), ("y", "1")], true)]
+    #[case("x in (,)", &[("x", "")], true)]
     fn label_matches(#[case] sel: &str, #[case] l: &[(&str, &str)], #[case] want: bool) {
         assert_eq!(LabelSelector::parse(sel).unwrap().matches(&labels(l)), want, "{sel}");
     }
 
     #[rstest]
-    #[case("app=web,", "unable to parse requirement: found '', expected: identifier")]
-    #[case("!", "unable to parse requirement: found '', expected: identifier after '!'")]
-    #[case("env in a", "unable to parse requirement: found 'a', expected: '('")]
+    #[case("app=web,", "found '', expected: identifier after ','")]
+    #[case(",a", "found ',', expected: !, identifier, or 'end of string'")]
+    #[case("!", "unable to parse requirement: found '', expected: identifier")]
+    #[case("!a=b", "found '=', expected: ',' or 'end of string'")]
+    #[case("env in a", "unable to parse requirement: found 'a' expected: '('")]
     #[case("env in (a b)", "unable to parse requirement: found 'b', expected: ',' or ')'")]
     #[case(
         "env (a)",
-        "unable to parse requirement: found '(', expected: in, notin, =, ==, !=, gt, lt"
+        "unable to parse requirement: found '(', expected: '=', '!=', '==', 'in', notin'"
     )]
     #[case(
         "a>b",
@@ -615,11 +670,15 @@ mod tests {
     )]
     #[case(
         "-a=b",
-        "unable to parse requirement: key: Invalid value: \"-a\": name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc', regex used for validation is '([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')"
+        "unable to parse requirement: <nil>: Invalid value: \"-a\": name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc', regex used for validation is '([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')"
     )]
     #[case(
         "a=-b",
         "unable to parse requirement: values[0][a]: Invalid value: \"-b\": a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyValue',  or 'my_value',  or '12345', regex used for validation is '(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?')"
+    )]
+    #[case(
+        "a>-1x",
+        "unable to parse requirement: [values[0]: Invalid value: \"-1x\": for 'Gt', 'Lt' operators, the value must be an integer, values[0][a]: Invalid value: \"-1x\": a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyValue',  or 'my_value',  or '12345', regex used for validation is '(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?')]"
     )]
     fn label_errors(#[case] sel: &str, #[case] want: &str) {
         assert_eq!(LabelSelector::parse(sel).unwrap_err().to_string(), want);
@@ -662,18 +721,10 @@ mod tests {
     #[case(
         "PersistentVolumeClaim",
         "status.phase=Bound",
-        "unable to parse requirement: field label not supported: status.phase"
+        "field label not supported: status.phase"
     )]
-    #[case(
-        "Pod",
-        "spec.volumes=x",
-        "unable to parse requirement: field label not supported: spec.volumes"
-    )]
-    #[case(
-        "Pod",
-        "nonsense",
-        "unable to parse requirement: invalid selector: 'nonsense'; can't understand 'nonsense'"
-    )]
+    #[case("Pod", "spec.volumes=x", "field label not supported: spec.volumes")]
+    #[case("Pod", "nonsense", "invalid selector: 'nonsense'; can't understand 'nonsense'")]
     fn field_errors(#[case] kind: &str, #[case] sel: &str, #[case] want: &str) {
         assert_eq!(FieldSelector::parse(res(kind), sel).unwrap_err().to_string(), want);
     }
