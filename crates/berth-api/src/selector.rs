@@ -535,6 +535,8 @@ fn unescape(s: &str) -> Result<String, String> {
                 Some(e) => return Err(format!("invalid escape sequence: \\{e}")),
                 None => return Err("unterminated escape sequence".into()),
             }
+        } else if c == ',' || c == '=' {
+            return Err(format!("invalid field selector: unescaped character in value: {c}"));
         } else {
             out.push(c);
         }
@@ -549,10 +551,13 @@ impl FieldSelector {
             return Ok(FieldSelector { requirements });
         }
         for term in split_unescaped(s, ',') {
+            if term.is_empty() {
+                continue;
+            }
             // Find the operator outside escapes: `!=`, `==`, then `=`.
             let (field, op, value) = split_field_term(&term)
                 .ok_or_else(|| SelectorError(format!("invalid selector: '{s}'; can't understand '{term}'")))?;
-            let field = field.trim().to_owned();
+            let field = field.to_owned();
             if field_pointer(res.kind, &field).is_none() {
                 return Err(SelectorError(format!("field label not supported: {field}")));
             }
@@ -709,6 +714,7 @@ mod tests {
     #[case("Node", "spec.unschedulable=true", json!({"kind": "Node", "spec": {"unschedulable": true}}), true)]
     #[case("Secret", "type=Opaque", json!({"kind": "Secret", "type": "kubernetes.io/tls"}), false)]
     #[case("PersistentVolume", "metadata.name=pv\\,1", json!({"kind": "PersistentVolume", "metadata": {"name": "pv,1"}}), true)]
+    #[case("Pod", "spec.nodeName=n1,", json!({"kind": "Pod", "spec": {"nodeName": "n1"}}), true)]
     fn field_matches(#[case] kind: &str, #[case] sel: &str, #[case] obj: Value, #[case] want: bool) {
         assert_eq!(
             FieldSelector::parse(res(kind), sel).unwrap().matches(&obj),
@@ -725,6 +731,12 @@ mod tests {
     )]
     #[case("Pod", "spec.volumes=x", "field label not supported: spec.volumes")]
     #[case("Pod", "nonsense", "invalid selector: 'nonsense'; can't understand 'nonsense'")]
+    #[case(
+        "Pod",
+        "spec.nodeName=a=b",
+        "invalid field selector: unescaped character in value: ="
+    )]
+    #[case("Pod", "spec.nodeName=\\q", "invalid escape sequence: \\q")]
     fn field_errors(#[case] kind: &str, #[case] sel: &str, #[case] want: &str) {
         assert_eq!(FieldSelector::parse(res(kind), sel).unwrap_err().to_string(), want);
     }
