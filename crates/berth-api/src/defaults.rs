@@ -15,6 +15,7 @@ pub fn apply(res: &Resource, obj: &mut Value) {
     if !obj.is_object() {
         return;
     }
+    canonical_quantities(res.kind, obj);
     match res.kind {
         "PersistentVolume" => persistent_volume(obj),
         "PersistentVolumeClaim" => persistent_volume_claim(obj),
@@ -49,6 +50,66 @@ pub fn apply(res: &Resource, obj: &mut Value) {
                 set(obj, &["status", "allocatable"], cap);
             }
         }
+        _ => {}
+    }
+}
+
+/// Rewrites every quantity of the kind in Kubernetes' canonical form (`1024Mi` -> `1Gi`, a JSON
+/// number -> its string), as Kubernetes stores and returns them. Values that do not parse are
+/// left as they are, for validation to report.
+fn canonical_quantities(kind: &str, obj: &mut Value) {
+    fn scalar(v: Option<&mut Value>) {
+        if let Some(v) = v
+            && let Ok(q) = crate::quantity::from_json(v)
+        {
+            *v = Value::String(q.canonical());
+        }
+    }
+    fn map(v: Option<&mut Value>) {
+        if let Some(m) = v.and_then(Value::as_object_mut) {
+            for q in m.values_mut() {
+                scalar(Some(q));
+            }
+        }
+    }
+    fn resources(v: Option<&mut Value>) {
+        if let Some(r) = v {
+            map(r.get_mut("requests"));
+            map(r.get_mut("limits"));
+        }
+    }
+    match kind {
+        "PersistentVolume" => map(obj.pointer_mut("/spec/capacity")),
+        "PersistentVolumeClaim" => {
+            resources(obj.pointer_mut("/spec/resources"));
+            map(obj.pointer_mut("/status/capacity"));
+            map(obj.pointer_mut("/status/allocatedResources"));
+        }
+        "Pod" => {
+            for list in ["containers", "initContainers"] {
+                if let Some(cs) = obj.pointer_mut(&format!("/spec/{list}")).and_then(Value::as_array_mut) {
+                    for c in cs {
+                        resources(c.get_mut("resources"));
+                    }
+                }
+            }
+            map(obj.pointer_mut("/spec/overhead"));
+            if let Some(vs) = obj.pointer_mut("/spec/volumes").and_then(Value::as_array_mut) {
+                for v in vs {
+                    scalar(v.pointer_mut("/emptyDir/sizeLimit"));
+                    resources(v.pointer_mut("/ephemeral/volumeClaimTemplate/spec/resources"));
+                }
+            }
+        }
+        "Node" => {
+            map(obj.pointer_mut("/status/capacity"));
+            map(obj.pointer_mut("/status/allocatable"));
+        }
+        "CSIStorageCapacity" => {
+            scalar(obj.get_mut("capacity"));
+            scalar(obj.get_mut("maximumVolumeSize"));
+        }
+        "VolumeSnapshot" => scalar(obj.pointer_mut("/status/restoreSize")),
         _ => {}
     }
 }
@@ -247,6 +308,24 @@ mod tests {
         assert_eq!(pv["spec"]["volumeMode"], "Filesystem");
         assert_eq!(pv["spec"]["hostPath"]["type"], "");
         assert_eq!(pv["status"]["phase"], "Pending");
+    }
+
+    #[test]
+    fn quantities_are_canonical() {
+        let mut pvc = json!({"spec": {"resources": {"requests": {"storage": "1024Mi"}, "limits": {"storage": 2147483648u64}}},
+                             "status": {"capacity": {"storage": "1Gb"}}});
+        apply(res("PersistentVolumeClaim"), &mut pvc);
+        assert_eq!(pvc["spec"]["resources"]["requests"]["storage"], "1Gi");
+        assert_eq!(pvc["spec"]["resources"]["limits"]["storage"], "2147483648");
+        assert_eq!(
+            pvc["status"]["capacity"]["storage"], "1Gb",
+            "invalid values are left for validation"
+        );
+        let mut pod = json!({"spec": {"containers": [{"name": "c", "image": "x", "resources": {"requests": {"cpu": "0.5"}}}],
+                                      "volumes": [{"name": "t", "emptyDir": {"sizeLimit": "1000M"}}]}});
+        apply(res("Pod"), &mut pod);
+        assert_eq!(pod["spec"]["containers"][0]["resources"]["requests"]["cpu"], "500m");
+        assert_eq!(pod["spec"]["volumes"][0]["emptyDir"]["sizeLimit"], "1G");
     }
 
     #[test]
