@@ -24,9 +24,16 @@ pub fn validate_create(res: &Resource, obj: &Value) -> Vec<FieldError> {
     if let Err(errs) = decode_kind(res, obj) {
         return errs;
     }
-    let mut errs = meta::validate_object_meta(res, obj);
+    let mut errs = object_meta(res, obj);
     errs.extend(validate_kind(res, obj));
     errs
+}
+
+fn object_meta(res: &Resource, obj: &Value) -> Vec<FieldError> {
+    match res.kind {
+        "Event" => core::event_meta(obj),
+        _ => meta::validate_object_meta(res, obj),
+    }
 }
 
 /// Checks an update of the main resource: the new object's own rules plus immutable fields.
@@ -34,7 +41,7 @@ pub fn validate_update(res: &Resource, new: &Value, old: &Value) -> Vec<FieldErr
     if let Err(errs) = decode_kind(res, new) {
         return errs;
     }
-    let mut errs = meta::validate_object_meta(res, new);
+    let mut errs = object_meta(res, new);
     errs.extend(meta::validate_object_meta_update(new, old));
     errs.extend(validate_kind(res, new));
     errs.extend(validate_kind_update(res, new, old));
@@ -47,7 +54,7 @@ pub fn validate_status_update(res: &Resource, new: &Value, old: &Value) -> Vec<F
     if let Err(errs) = decode_kind(res, new) {
         return errs;
     }
-    let mut errs = meta::validate_object_meta(res, new);
+    let mut errs = object_meta(res, new);
     errs.extend(meta::validate_object_meta_update(new, old));
     errs.extend(match res.kind {
         "PersistentVolume" => core::pv_status(new),

@@ -1115,28 +1115,70 @@ pub(crate) fn node_update(new: &Value, old: &Value) -> Vec<FieldError> {
     Vec::new()
 }
 
+/// Core/v1 Events get no `metadata` validation in Kubernetes (only a name is needed to store
+/// them); their own rules are `legacyValidateEvent`'s.
+pub(crate) fn event_meta(obj: &Value) -> Vec<FieldError> {
+    let mut errs = Vec::new();
+    if get_str(obj, &["metadata", "name"]).unwrap_or("").is_empty() {
+        errs.push(required("metadata.name", "name or generateName is required"));
+    }
+    if get_str(obj, &["metadata", "namespace"]).unwrap_or("").is_empty() {
+        errs.push(required("metadata.namespace", ""));
+    }
+    errs
+}
+
+/// `legacyValidateEvent`: namespaces agree; events with `eventTime` (the events.k8s.io shape)
+/// also need reportingController, reportingInstance, action and reason within their limits.
 pub(crate) fn event(obj: &Value) -> Vec<FieldError> {
     let mut errs = Vec::new();
     let ns = get_str(obj, &["metadata", "namespace"]).unwrap_or("");
     let ino = get_str(obj, &["involvedObject", "namespace"]).unwrap_or("");
-    let ok = if ino.is_empty() {
-        ns.is_empty() || ns == "default"
+    let mismatch = || invalid("involvedObject.namespace", quote(ino), "does not match event.namespace");
+    let new_style = get(obj, &["eventTime"]).is_some_and(|t| t.as_str().is_some_and(|t| !t.is_empty()));
+    if !new_style {
+        let ok = if ino.is_empty() {
+            ns.is_empty() || ns == "default"
+        } else {
+            ns == ino
+        };
+        if !ok {
+            errs.push(mismatch());
+        }
     } else {
-        ns == ino
-    };
-    if !ok {
-        errs.push(invalid(
-            "involvedObject.namespace",
-            quote(ino),
-            "does not match event.namespace",
+        if ino.is_empty() && ns != "default" && ns != "kube-system" {
+            errs.push(mismatch());
+        }
+        let controller = get_str(obj, &["reportingComponent"]).unwrap_or("");
+        if controller.is_empty() {
+            errs.push(required("reportingController", ""));
+        }
+        errs.extend(name_errors(
+            "reportingController",
+            controller,
+            names::qualified_name(controller),
         ));
+        for (key, field, limit) in [
+            ("reportingInstance", "reportingInstance", 128),
+            ("action", "action", 128),
+            ("reason", "reason", 128),
+        ] {
+            let v = get_str(obj, &[key]).unwrap_or("");
+            if v.is_empty() {
+                errs.push(required(field, ""));
+            }
+            if v.len() > limit {
+                errs.push(invalid(
+                    field,
+                    quote(""),
+                    format!("can have at most {limit} characters"),
+                ));
+            }
+        }
+        if get_str(obj, &["message"]).unwrap_or("").len() > 1024 {
+            errs.push(invalid("message", quote(""), "can have at most 1024 characters"));
+        }
     }
-    if let Some(t) = get_str(obj, &["type"])
-        && !t.is_empty()
-        && t != "Normal"
-        && t != "Warning"
-    {
-        errs.push(not_supported("type", t, &["Normal", "Warning"]));
-    }
+    errs.extend(name_errors("namespace", ns, names::dns1123_subdomain(ns)));
     errs
 }

@@ -474,3 +474,31 @@ fn persistent_volume_claim_update_details() {
     let other = with(beta.clone(), "/spec/storageClassName", json!("new"));
     assert!(!update("PersistentVolumeClaim", other, beta).is_empty());
 }
+
+#[test]
+fn new_style_events_need_reporting_fields() {
+    let e = json!({"metadata": {"name": "e.1", "namespace": "default"}, "eventTime": "2024-05-01T12:00:00.000000Z",
+                   "involvedObject": {"kind": "PersistentVolume", "name": "pv1"}, "reason": "Bound", "type": "Normal"});
+    assert_eq!(
+        create("Event", e.clone()),
+        vec![
+            "reportingController: Required value",
+            "reportingController: Invalid value: \"\": name part must be non-empty",
+            "reportingInstance: Required value",
+            "action: Required value"
+        ]
+    );
+    let ok = with(
+        with(
+            with(e, "/reportingComponent", json!("berth.io/binder")),
+            "/reportingInstance",
+            json!("n1"),
+        ),
+        "/action",
+        json!("Binding"),
+    );
+    assert!(create("Event", ok).is_empty());
+    // Legacy events are not held to object-name rules, as in Kubernetes.
+    let legacy = json!({"metadata": {"name": "Data.17", "namespace": "default"}, "involvedObject": {"kind": "PersistentVolume", "name": "pv1"}});
+    assert!(create("Event", legacy).is_empty());
+}
