@@ -756,7 +756,7 @@ fn cells(kind: &str, obj: &Value, now: jiff::Timestamp) -> (Vec<Value>, Option<V
                 json!(b(obj, "/spec/storageCapacity").unwrap_or(false)),
                 json!(tokens),
                 json!(b(obj, "/spec/requiresRepublish").unwrap_or(false)),
-                json!(modes.join(",")),
+                json!(or(&modes.join(","), "<none>")),
                 json!(created),
             ]
         }

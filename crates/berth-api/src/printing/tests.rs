@@ -211,6 +211,8 @@ fn finished_pods_carry_the_completed_condition() {
         "spec": {"attachRequired": false, "podInfoOnMount": true, "storageCapacity": true, "requiresRepublish": false,
                  "volumeLifecycleModes": ["Persistent", "Ephemeral"]}}),
     json!(["berth.csi.io", false, true, true, "<unset>", false, "Persistent,Ephemeral", "10m"]))]
+#[case("CSIDriver", json!({"metadata": {"name": "d"}, "spec": {"tokenRequests": [{"audience": "a"}, {"audience": "b"}]}}),
+    json!(["d", true, false, false, "a,b", false, "<none>", "<unknown>"]))]
 #[case("CSINode", json!({"metadata": {"name": "n1", "creationTimestamp": TEN_MIN_AGO}, "spec": {"drivers": [{"name": "a"}, {"name": "b"}]}}),
     json!(["n1", 2, "10m"]))]
 #[case("CSIStorageCapacity", json!({"metadata": {"name": "csisc-1"}, "storageClassName": "fast", "capacity": "1073741824"}),
