@@ -502,3 +502,143 @@ fn new_style_events_need_reporting_fields() {
     let legacy = json!({"metadata": {"name": "Data.17", "namespace": "default"}, "involvedObject": {"kind": "PersistentVolume", "name": "pv1"}});
     assert!(create("Event", legacy).is_empty());
 }
+
+mod never_panics {
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    use crate::admission::{self, Lookup, Operation};
+    use crate::printing::{self, IncludeObject};
+    use crate::resources::RESOURCES;
+
+    struct NoClasses;
+
+    impl Lookup for NoClasses {
+        fn storage_classes(&self) -> Vec<Value> {
+            vec![
+                json!({"metadata": {"name": "x", "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}}}),
+                json!(5),
+            ]
+        }
+    }
+
+    /// JSON whose keys are the field names the rules look at, so the rules are exercised on
+    /// every shape, not just rejected at the first missing field.
+    fn arb_object() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            prop::sample::select(vec![
+                "",
+                "1Gi",
+                "-1",
+                "x",
+                "ReadWriteOnce",
+                "Bound",
+                "a/b/c",
+                "Block",
+                "In",
+                "true",
+                "kubernetes.io/tls"
+            ])
+            .prop_map(|s| json!(s)),
+        ];
+        leaf.prop_recursive(5, 64, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map(
+                    prop::sample::select(vec![
+                        "metadata",
+                        "name",
+                        "namespace",
+                        "labels",
+                        "finalizers",
+                        "spec",
+                        "status",
+                        "capacity",
+                        "storage",
+                        "accessModes",
+                        "csi",
+                        "driver",
+                        "volumeHandle",
+                        "resources",
+                        "requests",
+                        "containers",
+                        "volumes",
+                        "volumeMounts",
+                        "persistentVolumeClaim",
+                        "claimName",
+                        "source",
+                        "phase",
+                        "nodeAffinity",
+                        "required",
+                        "nodeSelectorTerms",
+                        "matchExpressions",
+                        "operator",
+                        "values",
+                        "key",
+                        "data",
+                        "type",
+                        "immutable",
+                        "selector",
+                        "dataSource",
+                        "dataSourceRef",
+                        "kind",
+                        "apiGroup",
+                        "drivers",
+                        "nodeID",
+                        "eventTime",
+                        "involvedObject",
+                        "provisioner",
+                        "parameters",
+                        "allowedTopologies",
+                        "matchLabelExpressions",
+                        "persistentVolumeName",
+                        "inlineVolumeSpec",
+                        "volumeSnapshotRef",
+                        "deletionPolicy",
+                        "creationTimestamp",
+                        "deletionTimestamp",
+                        "annotations",
+                        "hostPath",
+                        "path",
+                        "local",
+                        "emptyDir",
+                        "ephemeral",
+                        "volumeClaimTemplate",
+                        "initContainerStatuses",
+                        "containerStatuses",
+                        "state",
+                        "terminated",
+                    ]),
+                    inner,
+                    0..6
+                )
+                .prop_map(|m| Value::Object(m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        #[test]
+        fn every_entry_point_survives_any_body(a in arb_object(), b in arb_object()) {
+            let now: jiff::Timestamp = "2024-05-01T12:00:00Z".parse().unwrap();
+            for r in RESOURCES {
+                let mut new = a.clone();
+                let mut old = b.clone();
+                crate::defaults::apply(r, &mut new);
+                crate::defaults::apply(r, &mut old);
+                let _ = super::validate_create(r, &new);
+                let _ = super::validate_update(r, &new, &old);
+                let _ = super::validate_status_update(r, &new, &old);
+                for op in [Operation::Create, Operation::Update, Operation::UpdateStatus] {
+                    let mut obj = new.clone();
+                    let _ = admission::admit(r, op, &mut obj, Some(&old), &NoClasses);
+                }
+                let _ = printing::table(r, &[new.clone(), old.clone()], now, IncludeObject::Object);
+            }
+        }
+    }
+}
