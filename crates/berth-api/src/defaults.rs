@@ -209,6 +209,12 @@ fn pod(obj: &mut Value) {
             set(c, &["terminationMessagePath"], json!("/dev/termination-log"));
             set(c, &["terminationMessagePolicy"], json!("File"));
             set(c, &["resources"], json!({}));
+            // Requests default to limits, per resource.
+            if let Some(limits) = c.pointer("/resources/limits").and_then(Value::as_object).cloned() {
+                for (k, v) in limits {
+                    set(c, &["resources", "requests", &k], v);
+                }
+            }
             if let Some(img) = c.get("image").and_then(Value::as_str) {
                 let policy = image_pull_policy(img);
                 set(c, &["imagePullPolicy"], json!(policy));
@@ -219,6 +225,10 @@ fn pod(obj: &mut Value) {
                 }
             }
         }
+    }
+    if obj.pointer("/status/qosClass").is_none() {
+        let qos = pod_qos_class(obj);
+        set(obj, &["status", "qosClass"], json!(qos));
     }
     let Some(vols) = obj.pointer_mut("/spec/volumes").and_then(Value::as_array_mut) else {
         return;
@@ -247,6 +257,44 @@ fn pod(obj: &mut Value) {
             claim_data_sources(Some(spec));
         }
     }
+}
+
+/// `GetPodQOS`: BestEffort without any cpu/memory request or limit; Guaranteed when every
+/// container limits both and requests equal limits; Burstable otherwise.
+pub fn pod_qos_class(pod: &Value) -> &'static str {
+    let positive = |v: &Value| crate::quantity::from_json(v).is_ok_and(|q| q.nanos() > 0);
+    let mut requests: std::collections::BTreeMap<&str, i128> = Default::default();
+    let mut limits: std::collections::BTreeMap<&str, i128> = Default::default();
+    let mut guaranteed = true;
+    for list in ["initContainers", "containers"] {
+        let containers = pod.pointer(&format!("/spec/{list}")).and_then(Value::as_array);
+        for c in containers.into_iter().flatten() {
+            for res in ["cpu", "memory"] {
+                if let Some(q) = c.pointer(&format!("/resources/requests/{res}")).filter(|q| positive(q)) {
+                    let n = crate::quantity::from_json(q).map(|q| q.nanos()).unwrap_or(0);
+                    *requests.entry(res).or_default() += n;
+                }
+            }
+            let mut found = 0;
+            for res in ["cpu", "memory"] {
+                if let Some(q) = c.pointer(&format!("/resources/limits/{res}")).filter(|q| positive(q)) {
+                    let n = crate::quantity::from_json(q).map(|q| q.nanos()).unwrap_or(0);
+                    *limits.entry(res).or_default() += n;
+                    found += 1;
+                }
+            }
+            if found < 2 {
+                guaranteed = false;
+            }
+        }
+    }
+    if requests.is_empty() && limits.is_empty() {
+        return "BestEffort";
+    }
+    if guaranteed && requests == limits {
+        return "Guaranteed";
+    }
+    "Burstable"
 }
 
 fn secret(obj: &mut Value) {
@@ -387,6 +435,18 @@ mod tests {
         assert_eq!(s["containers"][0]["terminationMessagePolicy"], "File");
         assert_eq!(s["volumes"][0]["emptyDir"], json!({}));
         assert_eq!(s["volumes"][1]["secret"]["defaultMode"], 420);
+    }
+
+    #[rstest]
+    #[case::best_effort(json!([{"name": "a"}]), "BestEffort")]
+    #[case::guaranteed_from_limits(json!([{"name": "a", "resources": {"limits": {"cpu": "1", "memory": "1Gi"}}}]), "Guaranteed")]
+    #[case::burstable(json!([{"name": "a", "resources": {"requests": {"cpu": "100m"}}}]), "Burstable")]
+    #[case::unequal(json!([{"name": "a", "resources": {"limits": {"cpu": "1", "memory": "1Gi"}, "requests": {"cpu": "500m"}}}]), "Burstable")]
+    #[case::one_container_unlimited(json!([{"name": "a", "resources": {"limits": {"cpu": "1", "memory": "1Gi"}}}, {"name": "b"}]), "Burstable")]
+    fn qos_classes(#[case] containers: Value, #[case] want: &str) {
+        let mut pod = json!({"spec": {"containers": containers}});
+        apply(res("Pod"), &mut pod);
+        assert_eq!(pod["status"]["qosClass"], want);
     }
 
     #[rstest]
