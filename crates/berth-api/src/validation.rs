@@ -144,6 +144,77 @@ pub fn decode_kind(res: &Resource, obj: &Value) -> Result<(), Vec<FieldError>> {
     }
 }
 
+/// The fields of `obj` that its kind does not have, as Kubernetes' strict field validation
+/// reports them (`spec.foo`, `spec.containers[0].imagePullPolicyy`), for `fieldValidation=Strict`
+/// (400: `strict decoding error: unknown field "spec.foo"`) or `Warn`. Empty if the body does not
+/// decode at all (validation reports that) or if every field is known. Explicit `null`s count as
+/// known, as they do in Kubernetes.
+pub fn unknown_fields(res: &Resource, obj: &Value) -> Vec<String> {
+    use k8s_openapi::api::{core::v1 as core, storage::v1 as st};
+    let mut v = obj.clone();
+    if let Some(m) = v.as_object_mut() {
+        m.entry("apiVersion")
+            .or_insert_with(|| Value::String(res.api_version()));
+        m.entry("kind").or_insert_with(|| Value::String(res.kind.to_owned()));
+        m.entry("metadata").or_insert_with(|| Value::Object(Default::default()));
+    }
+    let known = match res.kind {
+        "PersistentVolume" => roundtrip::<core::PersistentVolume>(&v),
+        "PersistentVolumeClaim" => roundtrip::<core::PersistentVolumeClaim>(&v),
+        "Pod" => roundtrip::<core::Pod>(&v),
+        "Secret" => roundtrip::<core::Secret>(&v),
+        "ConfigMap" => roundtrip::<core::ConfigMap>(&v),
+        "Namespace" => roundtrip::<core::Namespace>(&v),
+        "Node" => roundtrip::<core::Node>(&v),
+        "Event" => roundtrip::<core::Event>(&v),
+        "StorageClass" => roundtrip::<st::StorageClass>(&v),
+        "VolumeAttachment" => roundtrip::<st::VolumeAttachment>(&v),
+        "CSIDriver" => roundtrip::<st::CSIDriver>(&v),
+        "CSINode" => roundtrip::<st::CSINode>(&v),
+        "CSIStorageCapacity" => roundtrip::<st::CSIStorageCapacity>(&v),
+        "VolumeSnapshot" => roundtrip::<crate::snapshot::VolumeSnapshot>(&v),
+        "VolumeSnapshotContent" => roundtrip::<crate::snapshot::VolumeSnapshotContent>(&v),
+        "VolumeSnapshotClass" => roundtrip::<crate::snapshot::VolumeSnapshotClass>(&v),
+        _ => None,
+    };
+    let mut out = Vec::new();
+    if let Some(known) = known {
+        missing_keys(&v, &known, String::new(), &mut out);
+    }
+    out
+}
+
+fn roundtrip<T: DeserializeOwned + serde::Serialize>(v: &Value) -> Option<Value> {
+    let typed: T = serde_json::from_value(v.clone()).ok()?;
+    serde_json::to_value(typed).ok()
+}
+
+/// Keys of `given` (recursively) that `known` lacks.
+fn missing_keys(given: &Value, known: &Value, path: String, out: &mut Vec<String>) {
+    match (given, known) {
+        (Value::Object(g), Value::Object(k)) => {
+            for (key, gv) in g {
+                let p = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                match k.get(key) {
+                    Some(kv) => missing_keys(gv, kv, p, out),
+                    None if gv.is_null() => {}
+                    None => out.push(p),
+                }
+            }
+        }
+        (Value::Array(g), Value::Array(k)) => {
+            for (i, (gv, kv)) in g.iter().zip(k).enumerate() {
+                missing_keys(gv, kv, format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
 /// Deserializes `v` into `T`, turning a serde error into one `FieldError` at its path.
 pub(crate) fn decode<T: DeserializeOwned>(v: Value) -> Result<(), Vec<FieldError>> {
     match serde_path_to_error::deserialize::<_, T>(v) {

@@ -642,3 +642,39 @@ mod never_panics {
         }
     }
 }
+
+#[rstest]
+#[case("PersistentVolumeClaim", json!({"metadata": {"name": "a", "labels": {"x": "y"}}, "spec": {"accessModes": ["ReadWriteOnce"], "storageClas": "x",
+    "resources": {"requests": {"storage": "1Gi"}, "limit": {}}, "selector": null}}), vec!["spec.resources.limit", "spec.storageClas"])]
+#[case("Pod", json!({"spec": {"containers": [{"name": "a", "image": "x", "imagePullPolicyy": "Always"}], "volumes": [{"name": "v", "emptyDir": {}}]}}),
+    vec!["spec.containers[0].imagePullPolicyy"])]
+#[case("StorageClass", json!({"metadata": {"name": "a"}, "provisioner": "p", "reclaimpolicy": "Delete"}), vec!["reclaimpolicy"])]
+#[case("VolumeSnapshot", json!({"metadata": {"name": "a"}, "spec": {"source": {"pvc": "x"}}, "status": {"readyToUse": true}}), vec!["spec.source.pvc"])]
+#[case("Secret", json!({"metadata": {"name": "a"}, "data": {"k": "eA=="}, "type": "Opaque"}), vec![])]
+fn strict_field_validation(#[case] kind: &str, #[case] obj: Value, #[case] want: Vec<&str>) {
+    assert_eq!(unknown_fields(res(kind), &obj), want);
+}
+
+#[test]
+fn well_formed_objects_have_no_unknown_fields() {
+    let mut defaulted_pod = pod();
+    crate::defaults::apply(res("Pod"), &mut defaulted_pod);
+    for (kind, obj) in [
+        ("PersistentVolume", pv()),
+        ("PersistentVolumeClaim", bound(pvc(), "1Gi", "1Gi")),
+        ("Pod", defaulted_pod),
+        ("StorageClass", sc()),
+        (
+            "Namespace",
+            json!({"metadata": {"name": "n", "labels": {}}, "spec": {"finalizers": []}, "status": {"phase": "Active"}}),
+        ),
+        (
+            "VolumeSnapshotContent",
+            json!({"metadata": {"name": "c"}, "spec": {"deletionPolicy": "Delete", "driver": "d",
+            "source": {"snapshotHandle": "h"}, "volumeSnapshotRef": {"name": "s", "namespace": "n"}},
+            "status": {"creationTime": 1, "restoreSize": 2, "readyToUse": true, "snapshotHandle": "h"}}),
+        ),
+    ] {
+        assert_eq!(unknown_fields(res(kind), &obj), Vec::<String>::new(), "{kind}");
+    }
+}
