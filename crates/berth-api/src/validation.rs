@@ -106,6 +106,45 @@ fn validate_kind_update(res: &Resource, new: &Value, old: &Value) -> Vec<FieldEr
     }
 }
 
+/// The `Status` (422 Invalid) Kubernetes answers with for `errs` on the object `name` of kind
+/// `res`: message `PersistentVolumeClaim "data" is invalid: [spec.accessModes: Required value, ...]`
+/// (one error unbracketed; duplicates once), and one `details.causes` entry per error.
+pub fn invalid_status(res: &Resource, name: &str, errs: &[FieldError]) -> Value {
+    let qualified = if res.group.is_empty() {
+        res.kind.to_owned()
+    } else {
+        format!("{}.{}", res.kind, res.group)
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    let messages: Vec<String> = errs
+        .iter()
+        .map(ToString::to_string)
+        .filter(|m| seen.insert(m.clone()))
+        .collect();
+    let aggregate = match messages.as_slice() {
+        [one] => one.clone(),
+        many => format!("[{}]", many.join(", ")),
+    };
+    let causes: Vec<Value> = errs
+        .iter()
+        .map(|e| {
+            let full = e.to_string();
+            let body = full.strip_prefix(&format!("{}: ", e.field)).unwrap_or(&full).to_owned();
+            serde_json::json!({"reason": e.kind.reason(), "message": body, "field": e.field})
+        })
+        .collect();
+    serde_json::json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": format!("{qualified} {} is invalid: {aggregate}", quote(name)),
+        "reason": "Invalid",
+        "details": {"name": name, "group": res.group, "kind": res.kind, "causes": causes},
+        "code": 422,
+    })
+}
+
 /// Reads `obj` through the typed form of `res`, reporting where it does not fit.
 pub fn decode_kind(res: &Resource, obj: &Value) -> Result<(), Vec<FieldError>> {
     use k8s_openapi::api::{core::v1 as core, storage::v1 as st};

@@ -678,3 +678,31 @@ fn well_formed_objects_have_no_unknown_fields() {
         assert_eq!(unknown_fields(res(kind), &obj), Vec::<String>::new(), "{kind}");
     }
 }
+
+#[test]
+fn invalid_status_like_kubernetes() {
+    let errs = validate_create(
+        res("PersistentVolumeClaim"),
+        &json!({"metadata": {"name": "data", "namespace": "d"}, "spec": {}}),
+    );
+    let st = invalid_status(res("PersistentVolumeClaim"), "data", &errs);
+    assert_eq!(
+        st["message"],
+        "PersistentVolumeClaim \"data\" is invalid: [spec.accessModes: Required value: at least 1 access mode is required, spec.resources[storage]: Required value]"
+    );
+    assert_eq!(st["code"], 422);
+    assert_eq!(
+        st["details"]["causes"][1],
+        json!({"reason": "FieldValueRequired", "message": "Required value", "field": "spec.resources[storage]"})
+    );
+    let one = validate_create(
+        res("StorageClass"),
+        &json!({"metadata": {"name": "fast"}, "provisioner": "", "volumeBindingMode": "Immediate"}),
+    );
+    let st = invalid_status(res("StorageClass"), "fast", &one);
+    assert_eq!(
+        st["message"],
+        "StorageClass.storage.k8s.io \"fast\" is invalid: provisioner: Required value"
+    );
+    assert_eq!(st["details"]["group"], "storage.k8s.io");
+}
