@@ -159,6 +159,12 @@ fn merge_map(
         }
         Some(other) => return Err(PatchError::Invalid(format!("unknown patch type: {other} in map"))),
     }
+    // The live lists the order directives refer to, before the merge changes them.
+    let live_lists: Map<String, Value> = patch
+        .keys()
+        .filter_map(|k| k.strip_prefix(SET_ORDER))
+        .filter_map(|f| out.get(f).map(|v| (f.to_owned(), v.clone())))
+        .collect();
     for (k, v) in patch {
         if let Some(field) = k.strip_prefix(DELETE_FROM) {
             let Value::Array(doomed) = v else {
@@ -191,8 +197,13 @@ fn merge_map(
             path.push(field.to_owned());
             let strategy = list_strategy(kind, path);
             path.pop();
+            let live = live_lists
+                .get(field)
+                .and_then(Value::as_array)
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
             if let Some(Value::Array(list)) = out.get_mut(field) {
-                reorder(list, order, strategy);
+                reorder(list, order, live, strategy);
             }
         }
     }
@@ -295,25 +306,33 @@ fn merge_list(kind: &str, path: &mut Vec<String>, orig: Vec<Value>, patch: &[Val
     Ok(out)
 }
 
-/// `$setElementOrder`: the listed items first, in the given order; items the order does not
-/// name (added by the server, for example) follow in their current order.
-fn reorder(list: &mut Vec<Value>, order: &[Value], strategy: ListStrategy) {
+/// `$setElementOrder` (`normalizeElementOrder`): the items the order names, sorted by it, are
+/// interleaved with the items it does not name (the server's own), which keep their live order;
+/// a server item goes before a named item when both were in the live list and it came first.
+fn reorder(list: &mut Vec<Value>, order: &[Value], live: &[Value], strategy: ListStrategy) {
     let id = |v: &Value| -> Value {
         match strategy {
             ListStrategy::MergeByKey(key) => v.get(key).cloned().unwrap_or(Value::Null),
             _ => v.clone(),
         }
     };
-    let mut rest: Vec<Option<Value>> = std::mem::take(list).into_iter().map(Some).collect();
-    for o in order {
-        let want = id(o);
-        if let Some(slot) = rest.iter_mut().find(|s| s.as_ref().is_some_and(|v| id(v) == want))
-            && let Some(v) = slot.take()
-        {
-            list.push(v);
-        }
+    let position = |within: &[Value], v: &Value| within.iter().position(|w| id(w) == id(v));
+    let (mut named, mut server): (Vec<Value>, Vec<Value>) = std::mem::take(list)
+        .into_iter()
+        .partition(|v| position(order, v).is_some());
+    named.sort_by_key(|v| position(order, v));
+    server.sort_by_key(|v| position(live, v).unwrap_or(usize::MAX));
+    let (mut l, mut r) = (server.into_iter().peekable(), named.into_iter().peekable());
+    loop {
+        let take_left = match (l.peek(), r.peek()) {
+            (None, None) => break,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (Some(a), Some(b)) => matches!((position(live, a), position(live, b)), (Some(x), Some(y)) if x < y),
+        };
+        let next = if take_left { l.next() } else { r.next() };
+        list.extend(next);
     }
-    list.extend(rest.into_iter().flatten());
 }
 
 #[cfg(test)]

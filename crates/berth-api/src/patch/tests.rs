@@ -57,6 +57,23 @@ fn kubectl_apply_patch_with_last_applied_and_element_order() {
 }
 
 #[test]
+fn element_order_interleaves_server_items_like_kubernetes() {
+    // Live [a, s1, b, s2]; the patch names [b, a, c] and adds c. As in mergeSortedSlice, s1 (live
+    // before b) comes first, s2 (live after everything named) last.
+    let live = json!({"spec": {"containers": [{"name": "a"}, {"name": "s1"}, {"name": "b"}, {"name": "s2"}]}});
+    let patch = json!({"spec": {"$setElementOrder/containers": [{"name": "b"}, {"name": "a"}, {"name": "c"}],
+                                "containers": [{"name": "c", "image": "x"}]}});
+    let out = smp("Pod", live, patch).unwrap();
+    let names: Vec<&str> = out["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["s1", "b", "a", "c", "s2"]);
+}
+
+#[test]
 fn element_order_reorders_and_keeps_server_items() {
     let patch = json!({"spec": {"$setElementOrder/containers": [{"name": "sidecar"}, {"name": "app"}]}});
     let out = smp("Pod", pod(), patch).unwrap();
@@ -75,7 +92,7 @@ fn element_order_reorders_and_keeps_server_items() {
         .iter()
         .map(|c| c["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["scratch", "data"]);
+    assert_eq!(names, ["data", "scratch"], "server-only items keep their live place");
 }
 
 #[rstest]
