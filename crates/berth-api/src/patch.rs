@@ -244,6 +244,7 @@ fn merge_list(kind: &str, path: &mut Vec<String>, orig: Vec<Value>, patch: &[Val
     let strategy = list_strategy(kind, path);
     // `{"$patch": "replace"}` as an item replaces the whole list with the other items.
     let replace_all = patch.iter().any(|v| is_directive_item(v, "replace"));
+    let live = orig.clone();
     let mut out = if replace_all || strategy == ListStrategy::Replace {
         Vec::new()
     } else {
@@ -302,6 +303,17 @@ fn merge_list(kind: &str, path: &mut Vec<String>, orig: Vec<Value>, patch: &[Val
                 }
             }
         }
+    }
+    // As mergeSlice does: the patch's items in the patch's order, the live-only ones in place.
+    if let ListStrategy::MergeByKey(key) = strategy
+        && !replace_all
+    {
+        let order: Vec<Value> = patch
+            .iter()
+            .filter(|p| p.get(key).is_some() && !is_directive_item(p, "delete"))
+            .cloned()
+            .collect();
+        reorder(&mut out, &order, &live, strategy);
     }
     Ok(out)
 }

@@ -74,6 +74,22 @@ fn element_order_interleaves_server_items_like_kubernetes() {
 }
 
 #[test]
+fn merged_lists_follow_the_patch_order_like_kubernetes() {
+    // Live [a, b]; the patch lists c then a: mergeSlice gives [c, a, b].
+    let live = json!({"spec": {"containers": [{"name": "a", "image": "1"}, {"name": "b", "image": "2"}]}});
+    let patch = json!({"spec": {"containers": [{"name": "c", "image": "3"}, {"name": "a", "image": "4"}]}});
+    let out = smp("Pod", live, patch).unwrap();
+    let names: Vec<&str> = out["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["c", "a", "b"]);
+    assert_eq!(out["spec"]["containers"][1]["image"], "4");
+}
+
+#[test]
 fn element_order_reorders_and_keeps_server_items() {
     let patch = json!({"spec": {"$setElementOrder/containers": [{"name": "sidecar"}, {"name": "app"}]}});
     let out = smp("Pod", pod(), patch).unwrap();
@@ -140,9 +156,9 @@ fn element_order_reorders_and_keeps_server_items() {
     json!({"spec": {"volumes": [{"name": "data", "persistentVolumeClaim": {"$patch": "delete"}, "emptyDir": {}}]}}),
     "/spec/volumes/0",
     json!({"name": "data", "emptyDir": {}}))]
-#[case::new_container_appended(
+#[case::new_container_goes_first_as_in_kubernetes(
     json!({"spec": {"containers": [{"name": "extra", "image": "x", "env": [{"$patch": "delete", "name": "gone"}]}]}}),
-    "/spec/containers/2",
+    "/spec/containers/0",
     json!({"name": "extra", "image": "x", "env": []}))]
 fn pod_strategic_merge(#[case] patch: Value, #[case] pointer: &str, #[case] want: Value) {
     let out = smp("Pod", pod(), patch).unwrap();
