@@ -70,37 +70,34 @@ pub(crate) fn storage_class(obj: &Value) -> Vec<FieldError> {
         )),
         Some(_) => {}
     }
-    let mut seen: Vec<Value> = Vec::new();
+    // ValidateTopologySelectorTerm: per expression, values required and unique, then the key;
+    // keys unique within a term; terms unique (compared as key -> value set).
+    let mut seen: Vec<std::collections::BTreeMap<&str, BTreeSet<&str>>> = Vec::new();
     for (i, term) in get_array(obj, &["allowedTopologies"]).iter().enumerate() {
         let p = format!("allowedTopologies[{i}].matchLabelExpressions");
-        let exprs = get_array(term, &["matchLabelExpressions"]);
-        if exprs.is_empty() {
-            errs.push(required(&p, "must have at least one label expression"));
-        }
-        let mut keys = BTreeSet::new();
-        for (j, e) in exprs.iter().enumerate() {
+        let mut expr_map = std::collections::BTreeMap::new();
+        for (j, e) in get_array(term, &["matchLabelExpressions"]).iter().enumerate() {
             let key = get_str(e, &["key"]).unwrap_or("");
-            errs.extend(name_errors(&format!("{p}[{j}].key"), key, names::qualified_name(key)));
-            if !keys.insert(key) {
-                errs.push(duplicate(format!("{p}[{j}].key"), quote(key)));
-            }
             let values = get_array(e, &["values"]);
             if values.is_empty() {
-                errs.push(required(format!("{p}[{j}].values"), "must specify as least one value"));
+                errs.push(required(format!("{p}[{j}].values"), ""));
             }
             let mut vs = BTreeSet::new();
             for (k, v) in values.iter().enumerate() {
                 let s = v.as_str().unwrap_or("");
-                errs.extend(name_errors(&format!("{p}[{j}].values[{k}]"), s, names::label_value(s)));
                 if !vs.insert(s) {
                     errs.push(duplicate(format!("{p}[{j}].values[{k}]"), quote(s)));
                 }
             }
+            errs.extend(name_errors(&format!("{p}[{j}].key"), key, names::qualified_name(key)));
+            if expr_map.insert(key, vs).is_some() {
+                errs.push(duplicate(format!("{p}[{j}].key"), quote(key)));
+            }
         }
-        if seen.contains(term) {
+        if seen.contains(&expr_map) {
             errs.push(duplicate(p, quote("")));
         }
-        seen.push(term.clone());
+        seen.push(expr_map);
     }
     errs
 }

@@ -706,3 +706,37 @@ fn invalid_status_like_kubernetes() {
     );
     assert_eq!(st["details"]["group"], "storage.k8s.io");
 }
+
+#[test]
+fn storage_class_allowed_topologies() {
+    let zones = |v: Value| with(sc(), "/allowedTopologies", v);
+    assert!(
+        create(
+            "StorageClass",
+            zones(json!([{"matchLabelExpressions": [{"key": "topology.berth.io/node", "values": ["n1", "n2"]}]}, {}]))
+        )
+        .is_empty()
+    );
+    assert_eq!(
+        create(
+            "StorageClass",
+            zones(
+                json!([{"matchLabelExpressions": [{"key": "zone", "values": []}, {"key": "zone", "values": ["a", "a"]}]}])
+            )
+        ),
+        vec![
+            "allowedTopologies[0].matchLabelExpressions[0].values: Required value",
+            "allowedTopologies[0].matchLabelExpressions[1].values[1]: Duplicate value: \"a\"",
+            "allowedTopologies[0].matchLabelExpressions[1].key: Duplicate value: \"zone\"",
+        ]
+    );
+    assert_eq!(
+        create(
+            "StorageClass",
+            zones(
+                json!([{"matchLabelExpressions": [{"key": "z", "values": ["a"]}]}, {"matchLabelExpressions": [{"key": "z", "values": ["a"]}]}])
+            )
+        ),
+        vec!["allowedTopologies[1].matchLabelExpressions: Duplicate value: \"\""]
+    );
+}
