@@ -456,6 +456,9 @@ pub struct FieldRequirement {
 pub struct FieldSelector {
     /// All must match.
     pub requirements: Vec<FieldRequirement>,
+    /// The kind the selector was parsed for (its fields are read from objects of that kind);
+    /// empty: taken from each object's `kind`.
+    pub kind: &'static str,
 }
 
 /// The selectable fields of a kind beyond `metadata.name` and `metadata.namespace`, with the JSON
@@ -548,7 +551,10 @@ impl FieldSelector {
     pub fn parse(res: &Resource, s: &str) -> Result<Self, SelectorError> {
         let mut requirements = Vec::new();
         if s.trim().is_empty() {
-            return Ok(FieldSelector { requirements });
+            return Ok(FieldSelector {
+                requirements,
+                kind: res.kind,
+            });
         }
         for term in split_unescaped(s, ',') {
             if term.is_empty() {
@@ -564,23 +570,37 @@ impl FieldSelector {
             let value = unescape(value).map_err(SelectorError)?;
             requirements.push(FieldRequirement { field, op, value });
         }
-        Ok(FieldSelector { requirements })
+        Ok(FieldSelector {
+            requirements,
+            kind: res.kind,
+        })
     }
 
     /// Whether `obj` satisfies every term; a missing field reads as `""`, booleans as
     /// `true`/`false`.
     pub fn matches(&self, obj: &Value) -> bool {
-        let kind = obj.get("kind").and_then(Value::as_str).unwrap_or("");
+        let kind = if self.kind.is_empty() {
+            obj.get("kind").and_then(Value::as_str).unwrap_or("")
+        } else {
+            self.kind
+        };
+        let read = |ptr: &str| {
+            obj.pointer(ptr).and_then(|v| match v {
+                Value::String(s) if s.is_empty() => None,
+                Value::String(s) => Some(s.clone()),
+                Value::Null => None,
+                other => Some(other.to_string()),
+            })
+        };
         self.requirements.iter().all(|r| {
-            let have = field_pointer(kind, &r.field)
+            let mut have = field_pointer(kind, &r.field)
                 .or_else(|| field_pointer_any(&r.field))
-                .and_then(|p| obj.pointer(p))
-                .map(|v| match v {
-                    Value::String(s) => s.clone(),
-                    Value::Null => String::new(),
-                    other => other.to_string(),
-                })
-                .unwrap_or_else(|| default_field_value(&r.field));
+                .and_then(read);
+            // An event's `source` is its source.component, else its reportingComponent.
+            if have.is_none() && r.field == "source" {
+                have = read("/reportingComponent");
+            }
+            let have = have.unwrap_or_else(|| default_field_value(&r.field));
             match r.op {
                 FieldOp::Equals => have == r.value,
                 FieldOp::NotEquals => have != r.value,
@@ -710,6 +730,8 @@ mod tests {
     #[case("Pod", "status.phase!=Pending", json!({"kind": "Pod", "status": {"phase": "Pending"}}), false)]
     #[case("Event", "involvedObject.kind=PersistentVolumeClaim,involvedObject.name=data", json!({"kind": "Event", "involvedObject": {"kind": "PersistentVolumeClaim", "name": "data"}}), true)]
     #[case("Event", "source=persistentvolume-controller", json!({"kind": "Event", "source": {"component": "persistentvolume-controller"}}), true)]
+    #[case("Event", "source=berth-binder", json!({"kind": "Event", "reportingComponent": "berth-binder"}), true)]
+    #[case("Secret", "type=Opaque", json!({"type": "Opaque"}), true)]
     #[case("Node", "spec.unschedulable=false", json!({"kind": "Node", "spec": {}}), true)]
     #[case("Node", "spec.unschedulable=true", json!({"kind": "Node", "spec": {"unschedulable": true}}), true)]
     #[case("Secret", "type=Opaque", json!({"kind": "Secret", "type": "kubernetes.io/tls"}), false)]
