@@ -922,13 +922,47 @@ pub(crate) fn pod_update(new: &Value, old: &Value) -> Vec<FieldError> {
             }
         }
     }
+    // Which of the narrowly mutable fields changed within what Kubernetes allows.
+    let allowed = |key: &str| -> bool {
+        let (nv, ov) = (n.get(key), o.get(key));
+        match key {
+            // Set once, or lowered; never removed.
+            "activeDeadlineSeconds" => match (ov.and_then(Value::as_i64), nv.and_then(Value::as_i64)) {
+                (None, None) => true,
+                (None, Some(x)) => x > 0,
+                (Some(o), Some(x)) => x > 0 && x <= o,
+                (Some(_), None) => false,
+            },
+            // Only additions to the existing list.
+            "tolerations" => {
+                let olds = ov.and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]);
+                let news = nv.and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]);
+                olds.iter().all(|t| news.contains(t))
+            }
+            // Only from a negative value to 1.
+            "terminationGracePeriodSeconds" => {
+                nv == ov || (ov.and_then(Value::as_i64).is_some_and(|o| o < 0) && nv.and_then(Value::as_i64) == Some(1))
+            }
+            // Gates may only be removed.
+            "schedulingGates" => {
+                let olds = ov.and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]);
+                let news = nv.and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]);
+                news.iter().all(|g| olds.contains(g))
+            }
+            _ => false,
+        }
+    };
+    let copy: Vec<&str> = [
+        "activeDeadlineSeconds",
+        "tolerations",
+        "schedulingGates",
+        "terminationGracePeriodSeconds",
+    ]
+    .into_iter()
+    .filter(|k| allowed(k))
+    .collect();
     if let Some(m) = n.as_object_mut() {
-        for key in [
-            "activeDeadlineSeconds",
-            "tolerations",
-            "schedulingGates",
-            "terminationGracePeriodSeconds",
-        ] {
+        for key in copy {
             match o.get(key) {
                 Some(v) => m.insert(key.to_owned(), v.clone()),
                 None => m.remove(key),

@@ -740,3 +740,56 @@ fn storage_class_allowed_topologies() {
         vec!["allowedTopologies[1].matchLabelExpressions: Duplicate value: \"\""]
     );
 }
+
+#[test]
+fn pod_update_narrow_fields() {
+    let mut stored = pod();
+    crate::defaults::apply(res("Pod"), &mut stored);
+    let more = with(
+        stored.clone(),
+        "/spec/tolerations",
+        json!([{"key": "a", "operator": "Exists"}, {"key": "b", "operator": "Exists"}]),
+    );
+    let base = with(
+        stored.clone(),
+        "/spec/tolerations",
+        json!([{"key": "a", "operator": "Exists"}]),
+    );
+    assert!(
+        update("Pod", more.clone(), base.clone()).is_empty(),
+        "adding a toleration"
+    );
+    assert_eq!(update("Pod", base, more).len(), 1, "removing one");
+    let deadline = with(stored.clone(), "/spec/activeDeadlineSeconds", json!(60));
+    assert!(
+        update("Pod", deadline.clone(), stored.clone()).is_empty(),
+        "setting a deadline"
+    );
+    assert!(
+        update(
+            "Pod",
+            with(deadline.clone(), "/spec/activeDeadlineSeconds", json!(30)),
+            deadline.clone()
+        )
+        .is_empty()
+    );
+    assert_eq!(
+        update(
+            "Pod",
+            with(deadline.clone(), "/spec/activeDeadlineSeconds", json!(90)),
+            deadline
+        )
+        .len(),
+        1,
+        "raising it"
+    );
+    assert_eq!(
+        update(
+            "Pod",
+            with(stored.clone(), "/spec/terminationGracePeriodSeconds", json!(5)),
+            stored
+        )
+        .len(),
+        1
+    );
+}
