@@ -40,8 +40,12 @@ pub fn apply(res: &Resource, obj: &mut Value) {
         "Namespace" => {
             set(obj, &["spec", "finalizers"], json!(["kubernetes"]));
             set(obj, &["status", "phase"], json!("Active"));
+            // Always the namespace's own name, whatever the client sent (SetDefaults_Namespace).
             if let Some(name) = obj.pointer("/metadata/name").and_then(Value::as_str).map(str::to_owned) {
-                set(obj, &["metadata", "labels", "kubernetes.io/metadata.name"], json!(name));
+                set(obj, &["metadata", "labels"], json!({}));
+                if let Some(labels) = obj.pointer_mut("/metadata/labels").and_then(Value::as_object_mut) {
+                    labels.insert("kubernetes.io/metadata.name".to_owned(), json!(name));
+                }
             }
         }
         "Secret" => secret(obj),
@@ -467,6 +471,13 @@ mod tests {
         assert_eq!(ns["spec"]["finalizers"], json!(["kubernetes"]));
         assert_eq!(ns["status"]["phase"], "Active");
         assert_eq!(ns["metadata"]["labels"]["kubernetes.io/metadata.name"], "team");
+        let mut spoofed =
+            json!({"metadata": {"name": "team", "labels": {"kubernetes.io/metadata.name": "other", "a": "b"}}});
+        apply(res("Namespace"), &mut spoofed);
+        assert_eq!(
+            spoofed["metadata"]["labels"],
+            json!({"kubernetes.io/metadata.name": "team", "a": "b"})
+        );
 
         let mut s = json!({"metadata": {"name": "s"}, "data": {"a": "eA=="}, "stringData": {"a": "hello", "b": "hi!"}});
         apply(res("Secret"), &mut s);
