@@ -24,16 +24,18 @@ pub(crate) fn validate_object_meta(res: &Resource, obj: &Value) -> Vec<FieldErro
     let name = get_str(&meta, &["name"]).unwrap_or("");
     let generate = get_str(&meta, &["generateName"]).unwrap_or("");
     if !generate.is_empty() {
-        // A prefix may end in '-' or '.', so check it with a letter appended, as Kubernetes does.
-        let probe = format!("{generate}a");
+        // A prefix may end in '-': Kubernetes' maskTrailingDash turns `x-` into a checkable name
+        // (it drops the last two characters and appends `a`).
+        let probe = match generate.strip_suffix('-') {
+            Some(_) if generate.len() > 1 => format!("{}a", &generate[..generate.len() - 2]),
+            _ => generate.to_owned(),
+        };
         errs.extend(name_errors("metadata.generateName", generate, rule(&probe)));
     }
     if name.is_empty() {
         errs.push(required("metadata.name", "name or generateName is required"));
     } else {
-        let mut msgs = rule(name);
-        msgs.extend(names::path_segment(name));
-        errs.extend(name_errors("metadata.name", name, msgs));
+        errs.extend(name_errors("metadata.name", name, rule(name)));
     }
     let ns = get_str(&meta, &["namespace"]).unwrap_or("");
     if res.namespaced() {

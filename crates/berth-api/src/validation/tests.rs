@@ -793,3 +793,17 @@ fn pod_update_narrow_fields() {
         1
     );
 }
+
+#[rstest]
+#[case("pvc-", true)]
+#[case("data-", true)]
+#[case("x.", false)]
+#[case("Bad-", false)]
+fn generate_name_prefixes(#[case] prefix: &str, #[case] ok: bool) {
+    let obj = with(
+        with(pvc(), "/metadata/generateName", json!(prefix)),
+        "/metadata/name",
+        json!("data-abcde"),
+    );
+    assert_eq!(create("PersistentVolumeClaim", obj).is_empty(), ok, "{prefix}");
+}
