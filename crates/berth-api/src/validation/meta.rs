@@ -26,9 +26,15 @@ pub(crate) fn validate_object_meta(res: &Resource, obj: &Value) -> Vec<FieldErro
     if !generate.is_empty() {
         // A prefix may end in '-': Kubernetes' maskTrailingDash turns `x-` into a checkable name
         // (it drops the last two characters and appends `a`).
-        let probe = match generate.strip_suffix('-') {
-            Some(_) if generate.len() > 1 => format!("{}a", &generate[..generate.len() - 2]),
-            _ => generate.to_owned(),
+        // Bytes, as Kubernetes slices them; a cut through a multi-byte character becomes U+FFFD,
+        // which the name rule refuses, as Kubernetes does.
+        let bytes = generate.as_bytes();
+        let probe = if bytes.len() > 1 && generate.ends_with('-') {
+            let mut masked = bytes[..bytes.len() - 2].to_vec();
+            masked.push(b'a');
+            String::from_utf8_lossy(&masked).into_owned()
+        } else {
+            generate.to_owned()
         };
         errs.extend(name_errors("metadata.generateName", generate, rule(&probe)));
     }

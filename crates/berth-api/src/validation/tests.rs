@@ -799,6 +799,8 @@ fn pod_update_narrow_fields() {
 #[case("data-", true)]
 #[case("x.", false)]
 #[case("Bad-", false)]
+#[case("é-", false)]
+#[case("-", false)]
 fn generate_name_prefixes(#[case] prefix: &str, #[case] ok: bool) {
     let obj = with(
         with(pvc(), "/metadata/generateName", json!(prefix)),
