@@ -42,7 +42,6 @@ const NANO: i128 = 1_000_000_000;
 impl Quantity {
     /// Parses a quantity string as `resource.ParseQuantity` does.
     pub fn parse(s: &str) -> Result<Quantity, QuantityError> {
-        let s = s.trim();
         if s.is_empty() {
             return Err(QuantityError::Format);
         }
@@ -314,6 +313,8 @@ mod tests {
     #[case("--1")]
     #[case("1ki")]
     #[case("1e99999")]
+    #[case(" 1Gi")]
+    #[case("1Gi ")]
     #[case("99999999999999999999999999999999999999999E")]
     fn refuses(#[case] s: &str) {
         assert!(Quantity::parse(s).is_err(), "{s}");
