@@ -205,14 +205,17 @@ pub(crate) fn node_selector(sel: &Value, path: &str) -> Vec<FieldError> {
 
 /// `ValidateCSIDriverName` as used inside volume sources: required, 63 characters, subdomain.
 pub(crate) fn csi_driver_name(name: &str, field: &str) -> Vec<FieldError> {
-    if name.is_empty() {
-        return vec![required(field, "")];
-    }
+    // As ValidateCSIDriverName: an empty name is both required and not a subdomain.
     let mut errs = Vec::new();
+    if name.is_empty() {
+        errs.push(required(field, ""));
+    }
     if name.len() > 63 {
-        errs.push(
-            FieldError::new(FieldErrorKind::TooLong, field, "may not be more than 63 bytes").with_value(quote(name)),
-        );
+        errs.push(FieldError::new(
+            FieldErrorKind::TooLong,
+            field,
+            "may not be more than 63 bytes",
+        ));
     }
     errs.extend(name_errors(field, name, names::dns1123_subdomain(&name.to_lowercase())));
     errs

@@ -131,9 +131,8 @@ pub(crate) fn volume_attachment(obj: &Value) -> Vec<FieldError> {
     let attacher = get_str(obj, &["spec", "attacher"]).unwrap_or("");
     if attacher.is_empty() {
         errs.push(required("spec.attacher", ""));
-    } else {
-        errs.extend(csi_driver_name(attacher, "spec.attacher"));
     }
+    errs.extend(csi_driver_name(attacher, "spec.attacher"));
     let pv = get(obj, &["spec", "source", "persistentVolumeName"]).filter(|v| !v.is_null());
     let inline = get(obj, &["spec", "source", "inlineVolumeSpec"]).filter(|v| !v.is_null());
     const ONE: &str = "must specify exactly one of inlineVolumeSpec and persistentVolumeName";

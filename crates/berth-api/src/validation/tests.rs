@@ -73,7 +73,7 @@ fn with(mut base: Value, pointer: &str, v: Value) -> Value {
 #[case::rwop_not_alone(with(pv(), "/spec/accessModes", json!(["ReadWriteOncePod", "ReadOnlyMany"])), vec!["spec.accessModes: Forbidden: may not use ReadWriteOncePod with other access modes"])]
 #[case::no_source(with(pv(), "/spec/csi", Value::Null), vec!["spec: Required value: must specify a volume type"])]
 #[case::two_sources(with(pv(), "/spec/hostPath", json!({"path": "/x"})), vec!["spec.csi: Forbidden: may not specify more than 1 volume type"])]
-#[case::csi_fields(with(pv(), "/spec/csi", json!({"driver": "", "volumeHandle": ""})), vec!["spec.csi.driver: Required value", "spec.csi.volumeHandle: Required value"])]
+#[case::csi_fields(with(pv(), "/spec/csi", json!({"driver": "", "volumeHandle": ""})), vec!["spec.csi.driver: Required value", "spec.csi.driver: Invalid value: \"\": a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')", "spec.csi.volumeHandle: Required value"])]
 #[case::reclaim(with(pv(), "/spec/persistentVolumeReclaimPolicy", json!("Keep")), vec!["spec.persistentVolumeReclaimPolicy: Unsupported value: \"Keep\": supported values: \"Delete\", \"Recycle\", \"Retain\""])]
 #[case::local_needs_affinity(with(with(pv(), "/spec/csi", Value::Null), "/spec/local", json!({"path": "/mnt/d"})), vec!["spec.nodeAffinity: Required value: Local volume requires node affinity"])]
 #[case::affinity_terms(with(pv(), "/spec/nodeAffinity", json!({"required": {"nodeSelectorTerms": []}})), vec!["spec.nodeAffinity.required.nodeSelectorTerms: Required value: must have at least one node selector term"])]
@@ -208,7 +208,7 @@ fn pod_update_rules() {
 }
 
 #[rstest]
-#[case::attacher(json!({"metadata": {"name": "csi-1"}, "spec": {"attacher": "", "nodeName": "n1", "source": {"persistentVolumeName": "pv1"}}}), vec!["spec.attacher: Required value"])]
+#[case::attacher(json!({"metadata": {"name": "csi-1"}, "spec": {"attacher": "", "nodeName": "n1", "source": {"persistentVolumeName": "pv1"}}}), vec!["spec.attacher: Required value", "spec.attacher: Required value", "spec.attacher: Invalid value: \"\": a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"])]
 #[case::source(json!({"metadata": {"name": "csi-1"}, "spec": {"attacher": "berth.csi.io", "nodeName": "n1", "source": {}}}), vec!["spec.source: Required value: must specify exactly one of inlineVolumeSpec and persistentVolumeName"])]
 #[case::valid(json!({"metadata": {"name": "csi-1"}, "spec": {"attacher": "berth.csi.io", "nodeName": "n1", "source": {"persistentVolumeName": "pv1"}}}), vec![])]
 fn volume_attachment_create(#[case] obj: Value, #[case] want: Vec<&str>) {
