@@ -118,22 +118,25 @@ fn class_name(spec: &Value, path: &str) -> Vec<FieldError> {
 }
 
 /// A quantity that must parse and be > 0 (`ValidatePositiveQuantityValue`).
-fn positive_quantity(v: &Value, field: &str) -> (Vec<FieldError>, Option<Quantity>) {
+/// `ValidatePositiveQuantityValue`: a quantity that parses and is > 0. (A quantity that does
+/// not parse is a decode error in Kubernetes; here it is reported on its field.)
+fn positive_quantity(v: &Value, field: &str) -> Vec<FieldError> {
     match quantity::from_json(v) {
-        Err(e) => (vec![invalid(field, render(v), e.to_string())], None),
-        Ok(q) if q.is_negative() => (
-            vec![invalid(
-                field,
-                quote(&q.canonical()),
-                "must be greater than or equal to 0",
-            )],
-            Some(q),
-        ),
-        Ok(q) if q.is_zero() => (
-            vec![invalid(field, quote(&q.canonical()), "must be greater than zero")],
-            Some(q),
-        ),
-        Ok(q) => (Vec::new(), Some(q)),
+        Err(e) => vec![invalid(field, render(v), e.to_string())],
+        Ok(q) if q.nanos() <= 0 => vec![invalid(field, quote(&q.canonical()), "must be greater than zero")],
+        Ok(_) => Vec::new(),
+    }
+}
+
+/// `validateBasicResource` (PV capacity): a negative value is first reported by its whole units.
+fn basic_resource(v: &Value, field: &str) -> Vec<FieldError> {
+    match quantity::from_json(v) {
+        Ok(q) if q.is_negative() => vec![invalid(
+            field,
+            q.value_ceil().to_string(),
+            "must be a valid resource quantity",
+        )],
+        _ => Vec::new(),
     }
 }
 
@@ -370,7 +373,8 @@ pub(crate) fn pv_spec(spec: &Value, path: &str, inline: bool) -> Vec<FieldError>
                     );
                 }
                 for (k, v) in cap {
-                    errs.extend(positive_quantity(v, &format!("{cap_field}[{k}]")).0);
+                    errs.extend(basic_resource(v, &format!("{cap_field}[{k}]")));
+                    errs.extend(positive_quantity(v, &format!("{cap_field}[{k}]")));
                 }
             }
         }
@@ -548,7 +552,7 @@ pub(crate) fn pvc_spec(spec: &Value, path: &str) -> Vec<FieldError> {
     }
     match get(spec, &["resources", "requests", "storage"]) {
         None => errs.push(required(format!("{path}.resources[storage]"), "")),
-        Some(v) => errs.extend(positive_quantity(v, &format!("{path}.resources[storage]")).0),
+        Some(v) => errs.extend(positive_quantity(v, &format!("{path}.resources[storage]"))),
     }
     if let Some(limits) = get(spec, &["resources", "limits"]).and_then(Value::as_object) {
         for (k, v) in limits {

@@ -66,6 +66,7 @@ fn with(mut base: Value, pointer: &str, v: Value) -> Value {
 #[case::valid(pv(), vec![])]
 #[case::no_capacity(with(pv(), "/spec/capacity", Value::Null), vec!["spec.capacity: Required value"])]
 #[case::capacity_zero(with(pv(), "/spec/capacity", json!({"storage": "0"})), vec!["spec.capacity[storage]: Invalid value: \"0\": must be greater than zero"])]
+#[case::capacity_negative(with(pv(), "/spec/capacity", json!({"storage": "-1Gi"})), vec!["spec.capacity[storage]: Invalid value: -1073741824: must be a valid resource quantity", "spec.capacity[storage]: Invalid value: \"-1Gi\": must be greater than zero"])]
 #[case::capacity_bad(with(pv(), "/spec/capacity", json!({"storage": "1Gb"})), vec!["spec.capacity[storage]: Invalid value: \"1Gb\": quantities must match the regular expression '^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$'"])]
 #[case::capacity_other_key(with(pv(), "/spec/capacity", json!({"cpu": "1"})), vec!["spec.capacity: Unsupported value: {\"cpu\":\"1\"}: supported values: \"storage\""])]
 #[case::no_modes(with(pv(), "/spec/accessModes", json!([])), vec!["spec.accessModes: Required value"])]
