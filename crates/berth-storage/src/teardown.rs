@@ -11,11 +11,20 @@ use berth_host::{HostError, HostOps, Unmounted};
 
 /// Unmounts and detaches everything that belongs to `data_dir`. Idempotent.
 pub fn teardown(host: &dyn HostOps, data_dir: &Path) -> Result<(), HostError> {
-    let loops: Vec<_> = host
+    let mut loops: Vec<_> = host
         .loop_devices()?
         .into_iter()
         .filter(|l| l.backing_file.starts_with(data_dir))
         .collect();
+    // Devices attached from another mount namespace (a managed plugin before its restart) show
+    // another path in sysfs: find those by the identity of the data dir's image files.
+    for image in images(host, data_dir)? {
+        if let Some(l) = host.loop_device_for(&image)?
+            && !loops.iter().any(|k| k.device == l.device)
+        {
+            loops.push(l);
+        }
+    }
     let loop_sources: HashSet<String> = loops.iter().map(|l| l.device.to_string_lossy().into_owned()).collect();
     let loop_roots: HashSet<String> = loops
         .iter()
@@ -44,4 +53,18 @@ pub fn teardown(host: &dyn HostOps, data_dir: &Path) -> Result<(), HostError> {
         host.loop_detach(&l)?;
     }
     Ok(())
+}
+
+/// The pool images and volume images of the data dir's own pools (a missing dir lists empty).
+fn images(host: &dyn HostOps, data_dir: &Path) -> Result<Vec<PathBuf>, HostError> {
+    let pools = data_dir.join("pools");
+    let mut out = Vec::new();
+    for name in host.list_dir(&pools)? {
+        let pool = pools.join(name);
+        out.push(pool.join("pool.img"));
+        for dir in [pool.join("fs").join("images"), pool.join("images")] {
+            out.extend(host.list_dir(&dir)?.into_iter().map(|f| dir.join(f)));
+        }
+    }
+    Ok(out)
 }
