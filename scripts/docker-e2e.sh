@@ -15,6 +15,7 @@
 #   3. kill -9 and restart of the plugin under a running container: stop, start, ls, inspect work
 #   4. rm of a volume in use is refused; after use it goes, leaving nothing on disk or in mountinfo
 #   5. snapshot (berth volume snapshot), change, restore (fromSnapshot=) and compare; the same for a clone (from=)
+#   6. (socket plugin) dockerd restarted with --live-restore under a running container
 # plus option validation and fast "not found" answers. Prints `docker-e2e: N passed, N failed, N skipped`
 # and exits non-zero when a check failed. Stops dockerd and removes everything at the end
 # (--keep leaves the temp dir for inspection).
@@ -294,11 +295,42 @@ build_berth
 start_dockerd
 import_busybox
 
+# 6. dockerd restarted with --live-restore under a running container: the container keeps its
+# volume, and Docker's unmount after the restart still takes the backend mount down (the
+# plugin's refcount agrees with Docker's).
+live_restore_checks() {
+    local p=e2e-$LABEL-lr mp pid
+    echo "docker-e2e: --- $LABEL plugin across a dockerd --live-restore restart ---"
+    stop_dockerd
+    DOCKERD_EXTRA=--live-restore start_dockerd
+    wait_plugin || true
+    $DOCKER volume create -d "$DRIVER" -o size=64M "$p-v6" >/dev/null
+    $DOCKER run -d --name "$p-c6" -v "$p-v6:/data" $B sh -c 'while true; do date >>/data/ticks; sleep 0.2; done' >/dev/null
+    sleep 0.5
+    mp=$(vol "$p-v6" '{{.Mountpoint}}')
+    pid=$(plugin_pid)
+    stop_dockerd
+    check "6: the container runs on while dockerd is down" pgrep -f 'date >>/data/ticks'
+    DOCKERD_EXTRA=--live-restore start_dockerd
+    check "6: docker sees the container still running" test "$($DOCKER inspect -f '{{.State.Running}}' "$p-c6")" = true
+    check "6: the volume stayed mounted across the restart" test "$(mounts_at "$pid" "$mp")" = 1
+    local a b
+    a=$($DOCKER exec "$p-c6" sh -c 'wc -l </data/ticks')
+    sleep 1
+    b=$($DOCKER exec "$p-c6" sh -c 'wc -l </data/ticks')
+    check "6: the container still writes to it ($a, then $b lines)" test "${b:-0}" -gt "${a:-0}"
+    check "6: docker stop works" "$DOCKER" stop -t 1 "$p-c6"
+    check "6: the backend is unmounted after stop" test "$(mounts_at "$pid" "$mp")" = 0
+    $DOCKER rm -f "$p-c6" >/dev/null
+    check "6: docker volume rm works" "$DOCKER" volume rm "$p-v6"
+}
+
 if ((run_socket)); then
     LABEL=socket
     DRIVER=berth
     start_socket_plugin
     run_checks
+    live_restore_checks
     stop_socket_plugin
     check "no loop device of the socket plugin is left attached" \
         test "$(losetup -n -l -O BACK-FILE 2>/dev/null | grep -c "^$WORK/berth/")" = 0

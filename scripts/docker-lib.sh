@@ -39,14 +39,15 @@ install_docker_packages() {
 }
 
 # Starts a private dockerd under $WORK; refuses if another dockerd runs (two daemons would share
-# /run/docker/plugins and fight over containerd).
+# /run/docker/plugins and fight over containerd). DOCKERD_EXTRA adds flags (--live-restore).
 start_dockerd() {
     local other
     other=$(pgrep -x dockerd | head -1 || true)
     [[ -z $other ]] || lib_die "another dockerd (pid $other) is running; stop it first"
     mkdir -p "$WORK/docker-root" "$WORK/docker-exec"
     export DOCKER_HOST=unix://$WORK/docker.sock
-    dockerd --bridge=none --iptables=false --ip6tables=false \
+    # shellcheck disable=SC2086 # DOCKERD_EXTRA holds flags, one word each
+    dockerd --bridge=none --iptables=false --ip6tables=false ${DOCKERD_EXTRA:-} \
         --data-root "$WORK/docker-root" --exec-root "$WORK/docker-exec" \
         --pidfile "$WORK/docker.pid" -H "$DOCKER_HOST" >"$WORK/dockerd.log" 2>&1 &
     DOCKERD_PID=$!
