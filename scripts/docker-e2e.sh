@@ -233,6 +233,7 @@ run_checks() {
         $DOCKER volume create -d "$DRIVER" -o kind=$k -o size=32M "$p-$k" >/dev/null
         out=$($DOCKER run --rm -v "$p-$k:/data" $B sh -c 'echo ok >/data/f && cat /data/f' 2>&1)
         check "kind=$k volumes mount and hold data" test "$out" = ok
+        check "kind=$k: inspect shows the usage while unmounted" test -n "$(vol "$p-$k" '{{index .Status "usageBytes"}}')"
         $DOCKER volume rm "$p-$k" >/dev/null
     done
 

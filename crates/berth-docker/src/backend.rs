@@ -111,8 +111,9 @@ pub trait Backend: Send + Sync + Debug {
     fn unstage(&self, id: &str, path: &Path) -> Result<(), EngineError>;
     /// Where the volume is staged, if it is.
     fn staged_at(&self, id: &str) -> Option<PathBuf>;
-    /// Bytes in use in a staged volume, if the engine can tell.
-    fn used_bytes(&self, id: &str, path: &Path) -> Option<u64>;
+    /// Bytes in use in a volume, if the engine can tell (mounted or not for dir and tmpfs
+    /// volumes; an fs volume only while it is mounted).
+    fn used_bytes(&self, id: &str) -> Option<u64>;
 }
 
 /// The capability Docker volumes are created and staged with: a directory any number of
@@ -221,8 +222,8 @@ impl Backend for EngineBackend {
         VolumeId::parse(id).and_then(|id| self.engine.staging_path(&id))
     }
 
-    fn used_bytes(&self, id: &str, path: &Path) -> Option<u64> {
-        match self.engine.stats(id, path) {
+    fn used_bytes(&self, id: &str) -> Option<u64> {
+        match self.engine.usage(id) {
             Ok(s) => s.used_bytes,
             Err(e) => {
                 tracing::debug!(volume_id = id, error = %e, "no usage figures");

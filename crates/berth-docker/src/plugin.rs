@@ -417,11 +417,15 @@ impl Plugin {
             }
             Err(e) => tracing::debug!(error = %e, "cannot list snapshots"),
         }
-        if mountpoint.is_empty() {
-            s.insert("usage".to_owned(), json!("unknown while not mounted"));
-        } else if let Some(used) = self.backend.used_bytes(&vol.id, Path::new(mountpoint)) {
-            s.insert("usage".to_owned(), json!(human_size(used)));
-            s.insert("usageBytes".to_owned(), json!(used));
+        match self.backend.used_bytes(&vol.id) {
+            Some(used) => {
+                s.insert("usage".to_owned(), json!(human_size(used)));
+                s.insert("usageBytes".to_owned(), json!(used));
+            }
+            None if mountpoint.is_empty() => {
+                s.insert("usage".to_owned(), json!("unknown while not mounted"));
+            }
+            None => {}
         }
         s
     }

@@ -169,7 +169,7 @@ impl Backend for FakeBackend {
         self.0.lock().unwrap().staged.get(id).cloned()
     }
 
-    fn used_bytes(&self, _id: &str, _path: &Path) -> Option<u64> {
+    fn used_bytes(&self, _id: &str) -> Option<u64> {
         Some(4096)
     }
 }

@@ -262,7 +262,7 @@ mod tests {
         fn staged_at(&self, _: &str) -> Option<PathBuf> {
             None
         }
-        fn used_bytes(&self, _: &str, _: &Path) -> Option<u64> {
+        fn used_bytes(&self, _: &str) -> Option<u64> {
             None
         }
     }

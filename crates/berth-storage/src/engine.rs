@@ -1155,17 +1155,29 @@ impl Engine {
         if !condition.abnormal && rec.kind.access_type() == AccessType::Mount && !self.mounted_at(path)? {
             condition = Condition::bad(format!("{} is no longer mounted", path.display()));
         }
+        let mut stats = self.usage_of(&rec)?;
+        stats.condition = condition;
+        Ok(stats)
+    }
+
+    /// Space (and inodes) in use in a volume, wherever it is mounted or not: the qgroup of a dir
+    /// volume, the filesystem of a tmpfs or a staged fs volume. `None` figures where the engine
+    /// cannot tell without mounting (an unstaged fs volume) or at all (block).
+    pub fn usage(&self, id: &str) -> Result<VolumeStats> {
+        let rec = self.volume(id)?;
+        self.usage_of(&rec)
+    }
+
+    fn usage_of(&self, rec: &VolumeRecord) -> Result<VolumeStats> {
         let mut stats = VolumeStats {
             total_bytes: rec.capacity,
-            condition,
             ..VolumeStats::default()
         };
-        match rec.kind {
+        let mount = match rec.kind {
             Kind::Dir => {
                 let pool = self.pool(&rec.pool)?;
-                let sub = self.pool(&rec.pool)?.subvolume_path(&rec.id);
                 // qgroup numbers are brought up to date at a transaction commit.
-                self.host.btrfs_sync(&sub)?;
+                self.host.btrfs_sync(&pool.subvolume_path(&rec.id))?;
                 let used = self
                     .host
                     .btrfs_qgroups(&pool.root)?
@@ -1174,22 +1186,20 @@ impl Engine {
                     .map_or(0, |q| q.referenced_bytes);
                 stats.used_bytes = Some(used);
                 stats.available_bytes = Some(rec.capacity.saturating_sub(used));
+                None
             }
-            Kind::Fs | Kind::Tmpfs => {
-                let mount = if rec.kind == Kind::Fs {
-                    self.staged_path(&rec.id)
-                } else {
-                    self.tmpfs_path(&rec.id)
-                };
-                let s = self.host.statfs(&mount)?;
-                stats.total_bytes = s.total_bytes;
-                stats.used_bytes = Some(s.used_bytes);
-                stats.available_bytes = Some(s.available_bytes);
-                if s.total_inodes > 0 && s.fs_type != magic::BTRFS {
-                    stats.inodes = Some((s.total_inodes, s.used_inodes, s.free_inodes));
-                }
+            Kind::Fs if self.staging_path(&rec.id).is_some() => Some(self.staged_path(&rec.id)),
+            Kind::Tmpfs => Some(self.tmpfs_path(&rec.id)),
+            Kind::Fs | Kind::Block => None,
+        };
+        if let Some(mount) = mount {
+            let s = self.host.statfs(&mount)?;
+            stats.total_bytes = s.total_bytes;
+            stats.used_bytes = Some(s.used_bytes);
+            stats.available_bytes = Some(s.available_bytes);
+            if s.total_inodes > 0 && s.fs_type != magic::BTRFS {
+                stats.inodes = Some((s.total_inodes, s.used_inodes, s.free_inodes));
             }
-            Kind::Block => {}
         }
         Ok(stats)
     }

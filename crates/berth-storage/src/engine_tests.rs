@@ -390,6 +390,26 @@ fn create_makes_exactly_the_backend(#[values(Kind::Dir, Kind::Fs, Kind::Block, K
 }
 
 #[test]
+fn usage_without_a_mount_where_the_engine_can_tell() {
+    let env = Env::new();
+    let engine = env.open();
+    let dir = create(&engine, "d", Kind::Dir);
+    env.host.set_qgroup_usage(dir.subvolume_id.unwrap(), 5 * 4096, 5 * 4096);
+    let u = engine.usage(dir.id.as_str()).unwrap();
+    assert_eq!(
+        (u.used_bytes, u.available_bytes),
+        (Some(5 * 4096), Some(SIZE - 5 * 4096))
+    );
+    // An fs volume that is not staged has no mounted filesystem to ask; block never has one.
+    for kind in [Kind::Fs, Kind::Block] {
+        let v = create(&engine, &format!("{kind:?}"), kind);
+        let u = engine.usage(v.id.as_str()).unwrap();
+        assert_eq!((u.total_bytes, u.used_bytes), (SIZE, None), "{kind:?}");
+    }
+    assert_eq!(code(&engine.usage("0123456789abcdef0123456789abcdef")), "not_found");
+}
+
+#[test]
 fn dir_volumes_overwrite_in_place_unless_compressed() {
     let env = Env::new();
     let engine = env.open();
