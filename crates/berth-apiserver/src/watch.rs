@@ -1,0 +1,177 @@
+//! Watch: a chunked stream of `{"type":…,"object":…}` lines, one per change, from the store's
+//! watch. `resourceVersion` "" or "0" first sends the current objects as ADDED and then the
+//! changes after that list; N sends the changes after N; a compacted N gives an ERROR event
+//! with a 410 Expired Status, as Kubernetes does. Bookmarks are forwarded when asked for.
+//! The stream ends at `timeoutSeconds`, when the client goes away, or when the store stops.
+
+use std::time::Duration;
+
+use berth_api::Resource;
+use berth_api::printing::IncludeObject;
+use berth_store::{ListOptions, StoreError, WatchEvent};
+use bytes::Bytes;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::error::ApiError;
+use crate::objects::{ListRequest, Objects, prefix, selected, stamped};
+
+/// Kubernetes' default watch timeout is 30 to 60 minutes; one hour here.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
+/// At most one bookmark per this interval reaches the client.
+const BOOKMARK_EVERY: Duration = Duration::from_secs(5);
+
+/// A parsed watch request.
+#[derive(Debug, Clone)]
+pub struct WatchRequest {
+    pub res: &'static Resource,
+    pub namespace: Option<String>,
+    /// Watch one object (the legacy `/watch/{plural}/{name}` path).
+    pub name: Option<String>,
+    pub list: ListRequest,
+    pub resource_version: Option<String>,
+    pub bookmarks: bool,
+    pub timeout: Option<Duration>,
+    /// Send each object as a one-row Table (`kubectl get -w`).
+    pub table: Option<IncludeObject>,
+}
+
+fn event_line(kind: &str, object: Value) -> Bytes {
+    let mut line = serde_json::to_vec(&json!({ "type": kind, "object": object })).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+fn expired(requested: &str) -> Bytes {
+    let status = ApiError::Gone(format!("too old resource version: {requested}")).status();
+    event_line("ERROR", status)
+}
+
+/// Starts the watch; the receiver yields the body's chunks.
+pub async fn start(objects: &Objects, req: WatchRequest) -> Result<mpsc::Receiver<Bytes>, ApiError> {
+    let (tx, rx) = mpsc::channel::<Bytes>(256);
+    let prefix = prefix(req.res, req.namespace.as_deref());
+    let exact = req
+        .name
+        .as_ref()
+        .map(|n| crate::objects::key(req.res, req.namespace.as_deref(), n));
+    let render = move |req: &WatchRequest, obj: Value| -> Value {
+        match req.table {
+            Some(include) => crate::table::render(req.res, &[obj], include, None, None),
+            None => obj,
+        }
+    };
+
+    let rv = req.resource_version.clone().unwrap_or_default();
+    let mut initial = Vec::new();
+    let from = if rv.is_empty() || rv == "0" {
+        // The current state first, as ADDED events.
+        let mut after = None;
+        let mut at = None;
+        loop {
+            let page = objects
+                .store
+                .list(
+                    &prefix,
+                    ListOptions {
+                        limit: Some(1000),
+                        continue_after: after,
+                        at_revision: at,
+                    },
+                )
+                .await?;
+            at = Some(page.revision);
+            for o in &page.items {
+                if exact.as_ref().is_some_and(|k| *k != o.key) {
+                    continue;
+                }
+                let v = stamped(&o.value, o.mod_revision)?;
+                if selected(&v, &req.list.labels, &req.list.fields) {
+                    initial.push(event_line("ADDED", render(&req, v)));
+                }
+            }
+            match page.next {
+                Some(n) => after = Some(n),
+                None => break page.revision,
+            }
+        }
+    } else {
+        rv.parse::<u64>()
+            .map_err(|_| ApiError::BadRequest(format!("resourceVersion must be a number, not {rv:?}")))?
+    };
+
+    let watch = match objects.store.watch(&prefix, from).await {
+        Ok(w) => Some(w),
+        Err(StoreError::Gone { .. }) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let timeout = req.timeout.unwrap_or(DEFAULT_TIMEOUT);
+    tokio::spawn(async move {
+        for line in initial {
+            if tx.send(line).await.is_err() {
+                return;
+            }
+        }
+        let Some(mut watch) = watch else {
+            let _ = tx.send(expired(&rv)).await;
+            return;
+        };
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        let mut last_bookmark = tokio::time::Instant::now();
+        loop {
+            let ev = tokio::select! {
+                _ = &mut deadline => return,
+                _ = tx.closed() => return,
+                ev = watch.recv() => ev,
+            };
+            let line = match ev {
+                None => return,
+                Some(Err(StoreError::Gone { .. })) => {
+                    let _ = tx.send(expired(&rv)).await;
+                    return;
+                }
+                Some(Err(e)) => {
+                    let _ = tx.send(event_line("ERROR", ApiError::from(e).status())).await;
+                    return;
+                }
+                Some(Ok(WatchEvent::Bookmark(rev))) => {
+                    if !req.bookmarks || last_bookmark.elapsed() < BOOKMARK_EVERY {
+                        continue;
+                    }
+                    last_bookmark = tokio::time::Instant::now();
+                    event_line(
+                        "BOOKMARK",
+                        json!({
+                            "kind": req.res.kind,
+                            "apiVersion": req.res.api_version(),
+                            "metadata": { "resourceVersion": rev.to_string() },
+                        }),
+                    )
+                }
+                Some(Ok(ev)) => {
+                    let (kind, o) = match &ev {
+                        WatchEvent::Added(o) => ("ADDED", o),
+                        WatchEvent::Modified(o) => ("MODIFIED", o),
+                        WatchEvent::Deleted(o) => ("DELETED", o),
+                        WatchEvent::Bookmark(_) => continue,
+                    };
+                    if exact.as_ref().is_some_and(|k| *k != o.key) {
+                        continue;
+                    }
+                    let Ok(v) = stamped(&o.value, o.mod_revision) else {
+                        continue;
+                    };
+                    if !selected(&v, &req.list.labels, &req.list.fields) {
+                        continue;
+                    }
+                    event_line(kind, render(&req, v))
+                }
+            };
+            if tx.send(line).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
