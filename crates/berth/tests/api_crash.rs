@@ -128,8 +128,9 @@ async fn sigkill_loses_no_acknowledged_write() {
     let mut child = start(&data);
     let pvs: Api<PersistentVolume> = Api::all(connect(&data).await);
     let list = pvs.list(&ListParams::default()).await.unwrap();
-    assert!(list.items.len() >= acked.lock().unwrap().len());
-    for (name, rv) in acked.lock().unwrap().iter() {
+    let acked = acked.lock().unwrap().clone();
+    assert!(list.items.len() >= acked.len());
+    for (name, rv) in &acked {
         let got = pvs.get(name).await.unwrap();
         assert_eq!(
             got.metadata.resource_version.unwrap().parse::<u64>().unwrap(),
