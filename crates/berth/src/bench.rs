@@ -49,6 +49,8 @@ enum BenchCommand {
     Csi(CsiArgs),
     /// fio on a dir and an fs volume, as a ratio to the pool filesystem itself.
     Fio(FioArgs),
+    /// The Kubernetes API server: create throughput, list latency, watchers, RSS.
+    Api(crate::bench_api::ApiArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -189,6 +191,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     match args.what {
         BenchCommand::Csi(a) => run_csi(a),
         BenchCommand::Fio(a) => run_fio(a),
+        BenchCommand::Api(a) => crate::bench_api::run(a),
     }
 }
 
@@ -411,7 +414,7 @@ fn i64_of(v: u64) -> Result<i64> {
 }
 
 /// One line about the machine, printed above every table.
-fn machine_line() -> String {
+pub(crate) fn machine_line() -> String {
     let cpus = std::thread::available_parallelism().map_or(0, usize::from);
     let uname = rustix::system::uname();
     let load = std::fs::read_to_string("/proc/loadavg")

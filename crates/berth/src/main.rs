@@ -13,6 +13,7 @@ use berth_host::{HostOps, LinuxHost};
 use berth_storage::{BerthDriver, Engine, EngineConfig};
 
 mod bench;
+mod bench_api;
 mod docker_cli;
 mod server;
 
