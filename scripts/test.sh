@@ -207,6 +207,18 @@ for kc in "${kubectls[@]}"; do
     fi
 done
 
+banner "berth bench api --smoke"
+# Checks that the API benchmark runs (a few seconds); its figures are not meaningful at this size.
+if ((built == 0)); then
+    step_done "bench api smoke" FAIL "not run: the build failed"
+    failed=$((failed + 1))
+elif "$target_dir/debug/berth" bench api --smoke; then
+    step_done "bench api smoke" ok
+else
+    step_done "bench api smoke" FAIL
+    failed=$((failed + 1))
+fi
+
 echo
 echo "=== summary ($(($(date +%s) - started)) s)"
 printf '%s\n' "${summary[@]}"
