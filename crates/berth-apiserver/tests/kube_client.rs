@@ -287,3 +287,41 @@ async fn patches_merge_and_strategic() {
         .unwrap_err();
     assert_eq!(api_error(e).0, 404);
 }
+
+/// The same API over the etcd backend (Debian's etcd-server, as the store's own tests use).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_backend_serves_the_same_api() {
+    let etcd = berth_store::etcd_server::EtcdServer::start()
+        .await
+        .unwrap_or_else(|e| panic!("cannot run the etcd API test: {e}"));
+    let store = std::sync::Arc::new(etcd.store().await.unwrap());
+    let server = TestServer::start_on(tempfile::tempdir().unwrap(), store).await.unwrap();
+    let client = client(&server).await;
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    let created = pvs.create(&PostParams::default(), &pv("pv-etcd", "1Gi")).await.unwrap();
+    let rv = created.metadata.resource_version.clone().unwrap();
+    let mut events = pvs.watch(&WatchParams::default(), &rv).await.unwrap().boxed();
+    let mut stale = created.clone();
+    stale.metadata.labels = Some([("a".to_owned(), "b".to_owned())].into());
+    pvs.replace("pv-etcd", &PostParams::default(), &stale).await.unwrap();
+    assert_eq!(
+        api_error(
+            pvs.replace("pv-etcd", &PostParams::default(), &stale)
+                .await
+                .unwrap_err()
+        )
+        .0,
+        409
+    );
+    match tokio::time::timeout(std::time::Duration::from_secs(10), events.try_next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+    {
+        WatchEvent::Modified(p) => assert_eq!(p.metadata.labels.unwrap()["a"], "b"),
+        other => panic!("unexpected {other:?}"),
+    }
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client);
+    assert_eq!(namespaces.list(&ListParams::default()).await.unwrap().items.len(), 3);
+}

@@ -21,6 +21,11 @@ impl TestServer {
     pub async fn start() -> anyhow::Result<TestServer> {
         let dir = tempfile::tempdir()?;
         let store = Arc::new(RedbStore::open(dir.path().join("store.redb"), RedbOptions::default())?);
+        Self::start_on(dir, store).await
+    }
+
+    /// A server over any store (`dir` holds the PKI and kubeconfigs).
+    pub async fn start_on(dir: tempfile::TempDir, store: Arc<dyn berth_store::Store>) -> anyhow::Result<TestServer> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let url = format!("https://{addr}");
