@@ -3,11 +3,18 @@
 //! changes after that list; N sends the changes after N; a compacted N gives an ERROR event
 //! with a 410 Expired Status, as Kubernetes does. Bookmarks are forwarded when asked for.
 //! The stream ends at `timeoutSeconds`, when the client goes away, or when the store stops.
+//!
+//! With a selector, an object that stops matching is sent as DELETED and one that starts
+//! matching as ADDED, as Kubernetes' watch cache does: the watch remembers which keys it has
+//! sent as matching (only when there is a selector).
 
 use std::time::Duration;
 
 use berth_api::Resource;
 use berth_api::printing::IncludeObject;
+use std::collections::HashSet;
+
+use berth_api::selector::{FieldSelector, LabelSelector};
 use berth_store::{ListOptions, StoreError, WatchEvent};
 use bytes::Bytes;
 use serde_json::{Value, json};
@@ -64,6 +71,9 @@ pub async fn start(objects: &Objects, req: WatchRequest) -> Result<mpsc::Receive
 
     let rv = req.resource_version.clone().unwrap_or_default();
     let mut initial = Vec::new();
+    let filtered = req.list.labels != LabelSelector::default() || req.list.fields != FieldSelector::default();
+    let mut matching: HashSet<String> = HashSet::new();
+    let knows_past = rv.is_empty() || rv == "0";
     let from = if rv.is_empty() || rv == "0" {
         // The current state first, as ADDED events.
         let mut after = None;
@@ -87,6 +97,9 @@ pub async fn start(objects: &Objects, req: WatchRequest) -> Result<mpsc::Receive
                 }
                 let v = stamped(&o.value, o.mod_revision)?;
                 if selected(&v, &req.list.labels, &req.list.fields) {
+                    if filtered {
+                        matching.insert(o.key.clone());
+                    }
                     initial.push(event_line("ADDED", render(&req, v)));
                 }
             }
@@ -162,9 +175,13 @@ pub async fn start(objects: &Objects, req: WatchRequest) -> Result<mpsc::Receive
                     let Ok(v) = stamped(&o.value, o.mod_revision) else {
                         continue;
                     };
-                    if !selected(&v, &req.list.labels, &req.list.fields) {
-                        continue;
-                    }
+                    let now = selected(&v, &req.list.labels, &req.list.fields);
+                    let kind = if filtered {
+                        transition(kind, now, &o.key, &mut matching, knows_past)
+                    } else {
+                        now.then_some(kind)
+                    };
+                    let Some(kind) = kind else { continue };
                     event_line(kind, render(&req, v))
                 }
             };
@@ -174,4 +191,69 @@ pub async fn start(objects: &Objects, req: WatchRequest) -> Result<mpsc::Receive
         }
     });
     Ok(rx)
+}
+
+/// The event a selector-filtered watch sends for a change of `key`, given whether the object
+/// matches now and the keys it has sent as matching; `None` to send nothing. A watch that
+/// started at a revision does not know what matched before it: a matching object is then
+/// MODIFIED (`knows_past` false), a non-matching one it never sent is skipped.
+fn transition(
+    kind: &'static str,
+    matches: bool,
+    key: &str,
+    sent: &mut HashSet<String>,
+    knows_past: bool,
+) -> Option<&'static str> {
+    let was = sent.contains(key);
+    match (kind, was, matches) {
+        ("DELETED", true, _) => {
+            sent.remove(key);
+            Some("DELETED")
+        }
+        ("DELETED", false, m) => m.then_some("DELETED"),
+        (_, false, true) => {
+            sent.insert(key.to_owned());
+            Some(if kind == "ADDED" || knows_past {
+                "ADDED"
+            } else {
+                "MODIFIED"
+            })
+        }
+        (_, true, true) => Some("MODIFIED"),
+        (_, true, false) => {
+            sent.remove(key);
+            Some("DELETED")
+        }
+        (_, false, false) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selector_transitions() {
+        let mut sent = HashSet::new();
+        let t = |k, m, key, sent: &mut HashSet<String>| transition(k, m, key, sent, false);
+        assert_eq!(t("ADDED", false, "a", &mut sent), None);
+        assert_eq!(
+            t("MODIFIED", true, "a", &mut sent),
+            Some("MODIFIED"),
+            "unknown before the watch"
+        );
+        assert_eq!(t("MODIFIED", true, "a", &mut sent), Some("MODIFIED"));
+        assert_eq!(
+            t("MODIFIED", false, "a", &mut sent),
+            Some("DELETED"),
+            "stopped matching"
+        );
+        assert_eq!(t("MODIFIED", false, "a", &mut sent), None);
+        assert_eq!(t("DELETED", false, "a", &mut sent), None);
+        assert_eq!(t("ADDED", true, "b", &mut sent), Some("ADDED"));
+        assert_eq!(t("DELETED", true, "b", &mut sent), Some("DELETED"));
+        assert!(sent.is_empty());
+        // After an initial list the watch knows: starting to match is ADDED.
+        assert_eq!(transition("MODIFIED", true, "c", &mut sent, true), Some("ADDED"));
+    }
 }
