@@ -3,6 +3,10 @@
 //! makes the CA, server certificate, tokens and kubeconfigs on first start, and serves the
 //! Kubernetes API over TLS until SIGTERM/SIGINT.
 //!
+//! With `--csi-endpoint` and/or `--docker-socket` it also serves the built-in storage engine
+//! in the same process (one engine, as ARCHITECTURE.md asks of roles sharing pools), as
+//! `berth csi` and `berth docker-plugin` do; those need root.
+//!
 //! Safe to SIGKILL at any moment: every acknowledged write is already durable in the store,
 //! and the next start reuses the certificates and tokens it finds.
 
@@ -29,6 +33,19 @@ pub struct ServerArgs {
     /// An extra DNS name or IP for the server certificate (first start only); repeatable.
     #[arg(long = "tls-san")]
     pub tls_sans: Vec<String>,
+    /// Also serve the built-in CSI driver here (`unix:///run/berth/csi.sock`); needs root.
+    #[arg(long)]
+    pub csi_endpoint: Option<String>,
+    /// Also serve the Docker volume plugin on this socket; needs root.
+    #[arg(long)]
+    pub docker_socket: Option<PathBuf>,
+    /// The storage engine's options (pools, sizes) for --csi-endpoint/--docker-socket; its data
+    /// dir is --data-dir.
+    #[arg(long = "pool", value_parser = crate::parse_pool)]
+    pub pools: Vec<(String, PathBuf)>,
+    /// Size of a pool image the engine creates (K, M, G, T suffixes).
+    #[arg(long, value_parser = crate::parse_size)]
+    pub default_pool_size: Option<u64>,
 }
 
 /// Holds the data dir's lock for as long as it lives.
@@ -77,14 +94,59 @@ async fn open_store(spec: &str, data_dir: &std::path::Path) -> Result<Arc<dyn St
 }
 
 /// Runs the server until `shutdown` completes.
-pub fn run(args: ServerArgs, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+pub fn run(args: ServerArgs, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating data dir {}", args.data_dir.display()))?;
     std::fs::set_permissions(&args.data_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .with_context(|| format!("restricting {}", args.data_dir.display()))?;
     let _lock = lock_data_dir(&args.data_dir)?;
+    let engine = if args.csi_endpoint.is_some() || args.docker_socket.is_some() {
+        let node = crate::NodeOpts {
+            data_dir: Some(args.data_dir.clone()),
+            pools: args.pools.clone(),
+            default_pool_size: args.default_pool_size,
+            ..crate::NodeOpts::default()
+        };
+        Some(crate::open_engine(crate::engine_config(node)?)?)
+    } else {
+        None
+    };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
+        // One shutdown signal for every role served here.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let stopped = move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        };
+        let mut roles = tokio::task::JoinSet::new();
+        if let (Some(engine), Some(endpoint)) = (&engine, args.csi_endpoint.clone()) {
+            let driver = Arc::new(berth_storage::BerthDriver::new(engine.clone()));
+            let stop = stopped();
+            tracing::info!(%endpoint, "serving CSI");
+            roles.spawn(async move {
+                berth_csi::serve_unix(&endpoint, driver, stop)
+                    .await
+                    .context("serving CSI")
+            });
+        }
+        if let (Some(engine), Some(socket)) = (&engine, args.docker_socket.clone()) {
+            let plugin = Arc::new(berth_docker::open(engine.clone()).context("opening the Docker plugin state")?);
+            let listener = berth_docker::bind(&socket)?;
+            let stop = stopped();
+            tracing::info!(socket = %socket.display(), "serving the Docker volume plugin");
+            roles.spawn(async move {
+                berth_docker::serve(listener, plugin, stop).await;
+                let _ = std::fs::remove_file(&socket);
+                Ok(())
+            });
+        }
         let store = open_store(&args.store, &args.data_dir).await?;
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
@@ -104,7 +166,18 @@ pub fn run(args: ServerArgs, shutdown: impl std::future::Future<Output = ()>) ->
             kubeconfig = %args.data_dir.join("admin.kubeconfig").display(),
             "serving the Kubernetes API"
         );
-        berth_apiserver::serve(listener, pki.tls, server.router(), shutdown).await;
+        let api = berth_apiserver::serve(listener, pki.tls, server.router(), stopped());
+        tokio::pin!(api);
+        loop {
+            tokio::select! {
+                _ = &mut api => break,
+                // A role that fails takes the server down with its error.
+                Some(done) = roles.join_next() => done??,
+            }
+        }
+        while let Some(done) = roles.join_next().await {
+            done??;
+        }
         Ok(())
     })
 }
