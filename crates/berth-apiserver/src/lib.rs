@@ -209,8 +209,7 @@ impl ApiServer {
                         timeout: q.timeout_seconds.map(Duration::from_secs),
                         table: as_table.then_some(q.include_object),
                     },
-                )
-                .await?;
+                )?;
                 let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
                 let body = Body::from_stream(tokio_stream::StreamExt::map(stream, Ok::<_, std::convert::Infallible>));
                 let mut resp = (StatusCode::OK, body).into_response();

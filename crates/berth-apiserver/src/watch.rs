@@ -55,7 +55,7 @@ fn expired(requested: &str) -> Bytes {
 }
 
 /// Starts the watch; the receiver yields the body's chunks.
-pub async fn start(objects: &Objects, req: WatchRequest) -> Result<mpsc::Receiver<Bytes>, ApiError> {
+pub fn start(objects: &Objects, req: WatchRequest) -> Result<mpsc::Receiver<Bytes>, ApiError> {
     let (tx, rx) = mpsc::channel::<Bytes>(256);
     let prefix = prefix(req.res, req.namespace.as_deref());
     let exact = req
@@ -70,64 +70,74 @@ pub async fn start(objects: &Objects, req: WatchRequest) -> Result<mpsc::Receive
     };
 
     let rv = req.resource_version.clone().unwrap_or_default();
-    let mut initial = Vec::new();
     let filtered = req.list.labels != LabelSelector::default() || req.list.fields != FieldSelector::default();
-    let mut matching: HashSet<String> = HashSet::new();
     let knows_past = rv.is_empty() || rv == "0";
-    let from = if rv.is_empty() || rv == "0" {
-        // The current state first, as ADDED events.
-        let mut after = None;
-        let mut at = None;
-        loop {
-            let page = objects
-                .store
-                .list(
-                    &prefix,
-                    ListOptions {
-                        limit: Some(1000),
+    let from_rv = if knows_past {
+        None
+    } else {
+        Some(
+            rv.parse::<u64>()
+                .map_err(|_| ApiError::BadRequest(format!("resourceVersion must be a number, not {rv:?}")))?,
+        )
+    };
+    let store = objects.store.clone();
+    let timeout = req.timeout.unwrap_or(DEFAULT_TIMEOUT);
+    // Everything, the initial objects too, is sent from this task, page by page, so a watch of
+    // a large collection never holds more than a page and the channel in memory.
+    tokio::spawn(async move {
+        let mut matching: HashSet<String> = HashSet::new();
+        let from = match from_rv {
+            Some(n) => n,
+            None => {
+                let mut after = None;
+                let mut at = None;
+                loop {
+                    let opts = ListOptions {
+                        limit: Some(500),
                         continue_after: after,
                         at_revision: at,
-                    },
-                )
-                .await?;
-            at = Some(page.revision);
-            for o in &page.items {
-                if exact.as_ref().is_some_and(|k| *k != o.key) {
-                    continue;
-                }
-                let v = stamped(&o.value, o.mod_revision)?;
-                if selected(&v, &req.list.labels, &req.list.fields) {
-                    if filtered {
-                        matching.insert(o.key.clone());
+                    };
+                    let page = match store.list(&prefix, opts).await {
+                        Ok(p) => p,
+                        Err(e) => {
+                            let _ = tx.send(event_line("ERROR", ApiError::from(e).status())).await;
+                            return;
+                        }
+                    };
+                    at = Some(page.revision);
+                    for o in &page.items {
+                        if exact.as_ref().is_some_and(|k| *k != o.key) {
+                            continue;
+                        }
+                        let Ok(v) = stamped(&o.value, o.mod_revision) else {
+                            continue;
+                        };
+                        if selected(&v, &req.list.labels, &req.list.fields) {
+                            if filtered {
+                                matching.insert(o.key.clone());
+                            }
+                            if tx.send(event_line("ADDED", render(&req, v))).await.is_err() {
+                                return;
+                            }
+                        }
                     }
-                    initial.push(event_line("ADDED", render(&req, v)));
+                    match page.next {
+                        Some(n) => after = Some(n),
+                        None => break page.revision,
+                    }
                 }
             }
-            match page.next {
-                Some(n) => after = Some(n),
-                None => break page.revision,
-            }
-        }
-    } else {
-        rv.parse::<u64>()
-            .map_err(|_| ApiError::BadRequest(format!("resourceVersion must be a number, not {rv:?}")))?
-    };
-
-    let watch = match objects.store.watch(&prefix, from).await {
-        Ok(w) => Some(w),
-        Err(StoreError::Gone { .. }) => None,
-        Err(e) => return Err(e.into()),
-    };
-    let timeout = req.timeout.unwrap_or(DEFAULT_TIMEOUT);
-    tokio::spawn(async move {
-        for line in initial {
-            if tx.send(line).await.is_err() {
+        };
+        let mut watch = match store.watch(&prefix, from).await {
+            Ok(w) => w,
+            Err(StoreError::Gone { .. }) => {
+                let _ = tx.send(expired(&rv)).await;
                 return;
             }
-        }
-        let Some(mut watch) = watch else {
-            let _ = tx.send(expired(&rv)).await;
-            return;
+            Err(e) => {
+                let _ = tx.send(event_line("ERROR", ApiError::from(e).status())).await;
+                return;
+            }
         };
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
