@@ -193,6 +193,8 @@ expect_fail "client-side validation refuses an unknown field" 'unknown field "ca
 # --- get ---------------------------------------------------------------------------------------
 expect "get pv prints a table" '^NAME +.*AGE' k get pv
 expect "get pv lists pv-e2e" '^pv-e2e ' k get pv
+expect "get pv has Kubernetes' columns" '^NAME +CAPACITY +ACCESS MODES +RECLAIM POLICY +STATUS +CLAIM +STORAGECLASS .*REASON +AGE' k get pv
+expect "get pv row shows capacity and access modes" '^pv-e2e +1Gi +RWO +Retain ' k get pv
 expect "get pvc -A has a NAMESPACE column" '^NAMESPACE +NAME' k get pvc -A
 expect "get pv -o yaml" '^  name: pv-e2e$' k get pv pv-e2e -o yaml
 expect "get -o yaml has uid and resourceVersion" '^  resourceVersion: "[0-9]+"' k get pv pv-e2e -o yaml
