@@ -234,24 +234,27 @@ impl ApiServer {
                     }
                 }
             }
-            "list" => {
+            "list" if as_table => {
                 let listed = self.objects.list(res, ns, &list_req()?).await?;
-                let body = if as_table {
-                    table::render(
-                        res,
-                        &listed.items,
-                        q.include_object,
-                        Some(&listed.revision.to_string()),
-                        listed.continue_token.as_deref(),
-                    )
-                } else {
-                    objects::list_body(res, listed.items, listed.revision, listed.continue_token)
-                };
+                let body = table::render(
+                    res,
+                    &listed.items,
+                    q.include_object,
+                    Some(&listed.revision.to_string()),
+                    listed.continue_token.as_deref(),
+                );
                 Answer {
                     code: 200,
                     body,
                     warnings: vec![],
                 }
+            }
+            "list" => {
+                let body = self.objects.list_json(res, ns, &list_req()?).await?;
+                let mut resp = (StatusCode::OK, body).into_response();
+                resp.headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                return Ok(resp);
             }
             "create" => {
                 let d = decode::decode_object(res, ct, &bytes, q.field_validation)?;
