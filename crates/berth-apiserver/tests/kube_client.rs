@@ -188,12 +188,25 @@ async fn claims_in_namespaces_watch_and_finalizers() {
     let first = claims.create(&PostParams::default(), &pvc("data-0")).await.unwrap();
     let rv = first.metadata.resource_version.clone().unwrap();
 
-    // A watch from the create's revision sees the next create and the delete, in order.
+    // A watch from the create's revision sees the next create, an update and the deletion, in
+    // order. Admission may add the pvc-protection finalizer, which holds the claim Terminating
+    // until an update empties its finalizers (nothing here uses the claim).
     let mut events = claims.watch(&WatchParams::default(), &rv).await.unwrap().boxed();
     claims.create(&PostParams::default(), &pvc("data-1")).await.unwrap();
+    let mut c = claims.get("data-1").await.unwrap();
+    c.metadata.labels = Some([("watched".to_owned(), "yes".to_owned())].into());
+    claims.replace("data-1", &PostParams::default(), &c).await.unwrap();
     claims.delete("data-1", &DeleteParams::default()).await.unwrap();
-    let mut seen = Vec::new();
-    while seen.len() < 2 {
+    if let Ok(mut held) = claims.get("data-1").await {
+        assert!(
+            held.metadata.deletion_timestamp.is_some(),
+            "still there, so Terminating"
+        );
+        held.metadata.finalizers = Some(Vec::new());
+        claims.replace("data-1", &PostParams::default(), &held).await.unwrap();
+    }
+    let mut seen: Vec<String> = Vec::new();
+    while seen.last().is_none_or(|s| !s.starts_with("DELETED")) {
         let ev = tokio::time::timeout(std::time::Duration::from_secs(10), events.try_next())
             .await
             .expect("watch event within 10 s")
@@ -201,12 +214,16 @@ async fn claims_in_namespaces_watch_and_finalizers() {
             .unwrap();
         match ev {
             WatchEvent::Added(c) => seen.push(format!("ADDED {}", c.metadata.name.unwrap())),
+            WatchEvent::Modified(c) => seen.push(format!("MODIFIED {}", c.metadata.name.unwrap())),
             WatchEvent::Deleted(c) => seen.push(format!("DELETED {}", c.metadata.name.unwrap())),
             WatchEvent::Bookmark(_) => {}
             other => panic!("unexpected {other:?}"),
         }
     }
-    assert_eq!(seen, vec!["ADDED data-1", "DELETED data-1"]);
+    assert_eq!(seen.first().map(String::as_str), Some("ADDED data-1"), "{seen:?}");
+    assert_eq!(seen.get(1).map(String::as_str), Some("MODIFIED data-1"), "{seen:?}");
+    assert_eq!(seen.last().map(String::as_str), Some("DELETED data-1"), "{seen:?}");
+    assert!(seen.len() <= 4, "{seen:?}");
 
     // A watch from "0" starts with the current objects.
     let mut from_zero = all_claims.watch(&WatchParams::default(), "0").await.unwrap().boxed();
