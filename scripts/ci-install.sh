@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs, idempotently, everything Berth's tests need on a Debian 12 machine (run as root):
-# Debian packages, csi-sanity v5.5.0, rustfmt and clippy, and the kernel modules for loop devices
-# and the filesystems the engine uses. Fails loudly when something cannot be had.
+# Debian packages, csi-sanity v5.5.0, rustfmt and clippy, Debian's kubectl 1.20 (unpacked
+# privately), and the kernel modules for loop devices and the filesystems the engine uses. Fails
+# loudly when something cannot be had.
 set -euo pipefail
 
 CSI_SANITY_MODULE=github.com/kubernetes-csi/csi-test/v5
@@ -17,7 +18,8 @@ say() { echo "ci-install: $*"; }
 # util-linux: mount, umount, losetup; kmod: modprobe; python3: the junit summary; shellcheck:
 # lints the scripts; procps: ps/kill; ca-certificates: HTTPS to the package registries.
 # etcd-server: the store's etcd backend tests; protobuf-compiler: protoc for etcd-client's build.
-packages=(btrfs-progs xfsprogs e2fsprogs util-linux mount fio busybox-static kmod python3 shellcheck procps ca-certificates etcd-server protobuf-compiler)
+# curl: the API server e2e checks 401 without kubectl.
+packages=(btrfs-progs xfsprogs e2fsprogs util-linux mount fio busybox-static kmod python3 shellcheck procps ca-certificates etcd-server protobuf-compiler curl)
 
 missing=()
 for pkg in "${packages[@]}"; do
@@ -37,6 +39,32 @@ fi
 for tool in mkfs.btrfs btrfs mkfs.xfs mkfs.ext4 losetup mount umount fio busybox python3 shellcheck etcd protoc; do
     command -v "$tool" >/dev/null || die "$tool not on PATH after installing packages"
 done
+
+# --- kubectl from Debian's kubernetes-client (the API server's e2e client) --------------------
+# It conflicts with the `kubectl` package some images carry (/usr/bin/kubectl), so it is never
+# installed: the .deb is downloaded and unpacked under $KUBECTL_ROOT, and scripts/kubectl-e2e.sh
+# uses $KUBECTL_ROOT/usr/bin/kubectl explicitly.
+KUBECTL_ROOT=/opt/berth-ci/kubernetes-client
+if [[ -x $KUBECTL_ROOT/usr/bin/kubectl ]] && "$KUBECTL_ROOT/usr/bin/kubectl" version --client >/dev/null 2>&1; then
+    say "kubectl (kubernetes-client) present at $KUBECTL_ROOT/usr/bin/kubectl"
+else
+    say "fetching Debian's kubernetes-client into $KUBECTL_ROOT"
+    dl=$(mktemp -d /tmp/berth-kubectl-deb.XXXXXX)
+    chmod 0777 "$dl" # apt-get download runs as _apt
+    if ! (cd "$dl" && apt-get download kubernetes-client); then
+        apt-get update -q || die "apt-get update failed"
+        (cd "$dl" && apt-get download kubernetes-client) || die "apt-get download kubernetes-client failed"
+    fi
+    deb=$(find "$dl" -maxdepth 1 -name "kubernetes-client_*.deb" | head -n 1)
+    [[ -n $deb ]] || die "apt-get download left no kubernetes-client .deb in $dl"
+    rm -rf "$KUBECTL_ROOT"
+    mkdir -p "$KUBECTL_ROOT"
+    dpkg-deb -x "$deb" "$KUBECTL_ROOT" || die "dpkg-deb -x $deb failed"
+    rm -rf "$dl"
+    "$KUBECTL_ROOT/usr/bin/kubectl" version --client >/dev/null 2>&1 ||
+        die "$KUBECTL_ROOT/usr/bin/kubectl does not run after unpacking"
+fi
+command -v curl >/dev/null || die "curl not on PATH (scripts/kubectl-e2e.sh needs it)"
 
 # --- Rust toolchain --------------------------------------------------------------------------
 command -v cargo >/dev/null || die "cargo not found: install a Rust toolchain (rustup) first"

@@ -3,7 +3,9 @@
 #   1. installs what the tests need (scripts/ci-install.sh) and clears what earlier runs left;
 #   2. lints: shellcheck, cargo fmt --check, cargo clippy -D warnings;
 #   3. builds `berth` and runs `cargo test --workspace` (the end-to-end tests need root);
-#   4. runs csi-sanity v5.5.0 against `berth csi` for each kind: dir, fs-ext4, fs-xfs, block, tmpfs.
+#   4. runs csi-sanity v5.5.0 against `berth csi` for each kind: dir, fs-ext4, fs-xfs, block, tmpfs;
+#   5. runs the docker e2e, and the kubectl session against `berth server` (Debian's kubectl 1.20,
+#      then the preinstalled newer kubectl when there is one).
 # Every step runs even when an earlier one failed (unless the build failed), so one run shows
 # everything. The last line is "N passed, N failed": cargo tests plus csi-sanity specs, plus one
 # failure for each step that failed without counting tests (lint, build, a sanity run that broke).
@@ -168,6 +170,53 @@ else
         fi
     fi
 fi
+
+# The kubectl session: Debian's kubectl 1.20 (ci-install.sh unpacks it), then, as a second
+# client, a newer kubectl on PATH when the machine has one.
+kubectls=(/opt/berth-ci/kubernetes-client/usr/bin/kubectl)
+if [[ -x /usr/bin/kubectl ]]; then
+    kubectls+=(/usr/bin/kubectl)
+fi
+for kc in "${kubectls[@]}"; do
+    label="kubectl e2e $("$kc" version --client -o json 2>/dev/null | python3 -c 'import json, sys; print(json.load(sys.stdin)["clientVersion"]["gitVersion"])' 2>/dev/null || echo "?")"
+    banner "$label"
+    if ((built == 0)); then
+        step_done "$label" FAIL "not run: the build failed"
+        failed=$((failed + 1))
+        continue
+    fi
+    set +e
+    BERTH_BIN=$target_dir/debug/berth KUBECTL=$kc scripts/kubectl-e2e.sh | tee "$target_dir/kubectl-e2e.log"
+    rc=${PIPESTATUS[0]}
+    set -e
+    counts=$(grep -E '^kubectl-e2e: [0-9]+ passed, [0-9]+ failed' "$target_dir/kubectl-e2e.log" | tail -n 1)
+    kp=$(sed -E 's/^kubectl-e2e: ([0-9]+) passed.*/\1/' <<<"${counts:-kubectl-e2e: 0 passed}")
+    kf=$(sed -E 's/^kubectl-e2e: [0-9]+ passed, ([0-9]+) failed.*/\1/' <<<"${counts:-kubectl-e2e: 0 passed, 0 failed}")
+    passed=$((passed + kp))
+    failed=$((failed + kf))
+    if ((rc == 0)); then
+        step_done "$label" ok "$kp passed, $kf failed"
+    else
+        step_done "$label" FAIL "$kp passed, $kf failed (exit $rc)"
+        if ((kf == 0)); then
+            failed=$((failed + 1))
+        fi
+    fi
+done
+
+# Smoke runs of the benchmarks: they must keep working; figures at this size mean little.
+for bench in api csi snapshot fio; do
+    banner "berth bench $bench --smoke"
+    if ((built == 0)); then
+        step_done "bench $bench smoke" FAIL "not run: the build failed"
+        failed=$((failed + 1))
+    elif BERTH_LOG=warn "$target_dir/debug/berth" bench "$bench" --smoke; then
+        step_done "bench $bench smoke" ok
+    else
+        step_done "bench $bench smoke" FAIL
+        failed=$((failed + 1))
+    fi
+done
 
 if [[ -s "$logs/cargo-test.log" ]] && grep -q '^---- .* stdout ----$' "$logs/cargo-test.log"; then
     # The panic message of each failed test, without backtraces, so the end of the log says why.

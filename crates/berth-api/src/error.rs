@@ -72,18 +72,25 @@ impl FieldError {
         self.value = Some(value.into());
         self
     }
+
+    /// `Phrase: value: detail` without the field path: the `message` of a `StatusCause`.
+    pub fn cause_message(&self) -> String {
+        let mut out = self.kind.phrase().to_owned();
+        if let Some(v) = &self.value {
+            out.push_str(": ");
+            out.push_str(v);
+        }
+        if !self.detail.is_empty() {
+            out.push_str(": ");
+            out.push_str(&self.detail);
+        }
+        out
+    }
 }
 
 impl fmt::Display for FieldError {
     /// `field: Phrase: value: detail`, as in a Kubernetes `Status.message`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.field, self.kind.phrase())?;
-        if let Some(v) = &self.value {
-            write!(f, ": {v}")?;
-        }
-        if !self.detail.is_empty() {
-            write!(f, ": {}", self.detail)?;
-        }
-        Ok(())
+        write!(f, "{}: {}", self.field, self.cause_message())
     }
 }

@@ -55,6 +55,8 @@ enum BenchCommand {
     Fio(FioArgs),
     /// Snapshot, restore, clone and expansion times of full volumes, and the copy fallback.
     Snapshot(snapshot::SnapshotArgs),
+    /// The Kubernetes API server: create throughput, list latency, watchers, RSS.
+    Api(crate::bench_api::ApiArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -196,6 +198,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchCommand::Csi(a) => run_csi(a),
         BenchCommand::Fio(a) => run_fio(a),
         BenchCommand::Snapshot(a) => snapshot::run(a),
+        BenchCommand::Api(a) => crate::bench_api::run(a),
     }
 }
 
@@ -418,7 +421,7 @@ fn i64_of(v: u64) -> Result<i64> {
 }
 
 /// One line about the machine, printed above every table.
-fn machine_line() -> String {
+pub(crate) fn machine_line() -> String {
     let cpus = std::thread::available_parallelism().map_or(0, usize::from);
     let uname = rustix::system::uname();
     let load = std::fs::read_to_string("/proc/loadavg")

@@ -13,7 +13,9 @@ use berth_host::{HostOps, LinuxHost};
 use berth_storage::{BerthDriver, Engine, EngineConfig};
 
 mod bench;
+mod bench_api;
 mod docker_cli;
+mod server;
 
 #[derive(Debug, Parser)]
 #[command(name = "berth", version, about = "Persistent storage for containers")]
@@ -129,6 +131,9 @@ enum Command {
         #[arg(long, default_value = "/var/lib/berth")]
         data_dir: PathBuf,
     },
+    /// The all-in-one control plane: the Kubernetes API (kubectl is the client) over TLS,
+    /// backed by the embedded store in --data-dir; writes DATA/admin.kubeconfig.
+    Server(server::ServerArgs),
     /// Measure CSI call latencies and the data path; prints figures.
     Bench(bench::BenchArgs),
     /// Snapshots of Docker volumes: snapshot, snapshots, rm-snapshot (asks the running plugin).
@@ -275,6 +280,7 @@ fn main() -> Result<()> {
             berth_storage::teardown::teardown(&LinuxHost::default(), &data_dir)?;
             Ok(())
         }
+        Command::Server(args) => server::run(args, shutdown_signal()),
         Command::Bench(args) => bench::run(args),
         Command::DockerPlugin { socket, node } => docker_plugin(socket, node),
         Command::Volume { command } => docker_cli::run(command),
