@@ -23,6 +23,7 @@ passed=0
 failed=0
 server_pid=
 watch_pid=
+aio_pid=
 
 cleanup() {
     if [[ -n $watch_pid ]]; then kill "$watch_pid" 2>/dev/null || true; fi
@@ -30,6 +31,11 @@ cleanup() {
         kill "$server_pid" 2>/dev/null || true
         wait "$server_pid" 2>/dev/null || true
     fi
+    if [[ -n $aio_pid ]]; then
+        kill "$aio_pid" 2>/dev/null || true
+        wait "$aio_pid" 2>/dev/null || true
+    fi
+    if [[ -d $work/aio ]]; then "$BERTH_BIN" teardown --data-dir "$work/aio" >/dev/null 2>&1 || true; fi
     if ((failed == 0)); then
         rm -rf "$work"
     else
@@ -65,7 +71,7 @@ expect_no() {
 }
 
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"$BERTH_BIN" server --data-dir "$work/data" --listen "127.0.0.1:$port" >"$work/server.log" 2>&1 &
+"$BERTH_BIN" server --api-only --data-dir "$work/data" --listen "127.0.0.1:$port" >"$work/server.log" 2>&1 &
 server_pid=$!
 url=https://127.0.0.1:$port
 for _ in $(seq 1 100); do
@@ -271,6 +277,32 @@ code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/api" || tr
 if [[ $code != 200 ]]; then pass "plain HTTP is not served"; else fail "plain HTTP is not served"; fi
 expect "read-only token can get" 'pv-e2e' "$KUBECTL" --kubeconfig "$work/data/readonly.kubeconfig" get pv
 expect_fail "read-only token cannot delete (Forbidden)" 'Forbidden|forbidden' "$KUBECTL" --kubeconfig "$work/data/readonly.kubeconfig" delete pv pv-slow
+
+# --- all in one: berth server with its storage roles (root only) ----------------------------------
+# Without --api-only the server also makes the storage engine's default pool and serves the CSI
+# driver and the Docker plugin; sockets go to the work dir here instead of /run.
+if [[ $(id -u) -eq 0 ]]; then
+    aio=$work/aio
+    port2=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    "$BERTH_BIN" server --data-dir "$aio" --listen "127.0.0.1:$port2" --default-pool-size 1G \
+        --csi-endpoint "unix://$work/aio-csi.sock" --docker-socket "$work/aio-docker.sock" >"$work/aio.log" 2>&1 &
+    aio_pid=$!
+    for _ in $(seq 1 150); do
+        if [[ -s $aio/admin.kubeconfig ]] && curl -skf "https://127.0.0.1:$port2/healthz" >/dev/null 2>&1; then break; fi
+        sleep 0.1
+    done
+    expect "all in one: kubectl get pv answers" 'No resources found' "$KUBECTL" --kubeconfig "$aio/admin.kubeconfig" get pv
+    if [[ -f $aio/pools/default/pool.img ]]; then pass "all in one: the default pool was made"; else fail "all in one: the default pool was made"; fi
+    if [[ -S $work/aio-csi.sock && $(stat -c %a "$work/aio-csi.sock") == 600 ]]; then
+        pass "all in one: the CSI socket is there, mode 0600"
+    else
+        fail "all in one: the CSI socket is there, mode 0600"
+    fi
+    expect "all in one: the Docker plugin answers" 'VolumeDriver' curl -s --unix-socket "$work/aio-docker.sock" -X POST http://p/Plugin.Activate
+    kill "$aio_pid" 2>/dev/null || true
+    wait "$aio_pid" 2>/dev/null || true
+    aio_pid=
+fi
 
 echo "kubectl-e2e: $passed passed, $failed failed"
 ((failed == 0))

@@ -33,14 +33,16 @@ pub struct ServerArgs {
     /// An extra DNS name or IP for the server certificate (first start only); repeatable.
     #[arg(long = "tls-san")]
     pub tls_sans: Vec<String>,
-    /// Also serve the built-in CSI driver here (`unix:///run/berth/csi.sock`); needs root.
+    /// Where the built-in CSI driver is served (the storage roles need root).
+    #[arg(long, default_value = "unix:///run/berth/csi.sock")]
+    pub csi_endpoint: String,
+    /// Where the Docker volume plugin is served.
+    #[arg(long, default_value = "/run/docker/plugins/berth.sock")]
+    pub docker_socket: PathBuf,
+    /// Serve the API alone: no storage engine, no pool, no CSI driver, no Docker plugin.
     #[arg(long)]
-    pub csi_endpoint: Option<String>,
-    /// Also serve the Docker volume plugin on this socket; needs root.
-    #[arg(long)]
-    pub docker_socket: Option<PathBuf>,
-    /// The storage engine's options (pools, sizes) for --csi-endpoint/--docker-socket; its data
-    /// dir is --data-dir.
+    pub api_only: bool,
+    /// The storage engine's pools (its data dir is --data-dir).
     #[arg(long = "pool", value_parser = crate::parse_pool)]
     pub pools: Vec<(String, PathBuf)>,
     /// Size of a pool image the engine creates (K, M, G, T suffixes).
@@ -100,7 +102,12 @@ pub fn run(args: ServerArgs, shutdown: impl std::future::Future<Output = ()> + S
     std::fs::set_permissions(&args.data_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .with_context(|| format!("restricting {}", args.data_dir.display()))?;
     let _lock = lock_data_dir(&args.data_dir)?;
-    let engine = if args.csi_endpoint.is_some() || args.docker_socket.is_some() {
+    let engine = if !args.api_only {
+        if !rustix::process::geteuid().is_root() {
+            bail!(
+                "berth server serves the CSI driver and the Docker plugin, which need root (mounts, loop devices); run it as root, or pass --api-only to serve the API alone"
+            );
+        }
         let node = crate::NodeOpts {
             data_dir: Some(args.data_dir.clone()),
             pools: args.pools.clone(),
@@ -126,7 +133,8 @@ pub fn run(args: ServerArgs, shutdown: impl std::future::Future<Output = ()> + S
             }
         };
         let mut roles = tokio::task::JoinSet::new();
-        if let (Some(engine), Some(endpoint)) = (&engine, args.csi_endpoint.clone()) {
+        if let Some(engine) = &engine {
+            let endpoint = args.csi_endpoint.clone();
             let driver = Arc::new(berth_storage::BerthDriver::new(engine.clone()));
             let stop = stopped();
             tracing::info!(%endpoint, "serving CSI");
@@ -136,7 +144,8 @@ pub fn run(args: ServerArgs, shutdown: impl std::future::Future<Output = ()> + S
                     .context("serving CSI")
             });
         }
-        if let (Some(engine), Some(socket)) = (&engine, args.docker_socket.clone()) {
+        if let Some(engine) = &engine {
+            let socket = args.docker_socket.clone();
             let plugin = Arc::new(berth_docker::open(engine.clone()).context("opening the Docker plugin state")?);
             let listener = berth_docker::bind(&socket)?;
             let stop = stopped();

@@ -18,7 +18,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 fn start(data: &Path) -> Child {
     let _ = std::fs::remove_file(data.join("admin.kubeconfig"));
     Command::new(env!("CARGO_BIN_EXE_berth"))
-        .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args(["server", "--api-only", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data)
         .env("BERTH_LOG", "warn")
         .stdout(Stdio::null())
