@@ -1,7 +1,6 @@
 //! Server-side printing for `kubectl get`: whether the client asked for a `meta.k8s.io/v1`
-//! Table, and the Table itself from `berth_api::printing::table`. When that returns `Null`
-//! (a kind it does not print), a minimal NAME/AGE Table is built here so that `kubectl get`
-//! still works; that fallback is deliberately small.
+//! Table, and the Table itself from `berth_api::printing::table`, with the list's
+//! resourceVersion and continue token.
 
 use berth_api::Resource;
 use berth_api::printing::IncludeObject;
@@ -29,9 +28,6 @@ pub fn render(
 ) -> Value {
     let now = jiff::Timestamp::now();
     let mut table = berth_api::printing::table(res, objects, now, include);
-    if table.is_null() {
-        table = fallback(objects, now, include);
-    }
     if let Some(meta) = table
         .as_object_mut()
         .map(|t| t.entry("metadata").or_insert_with(|| json!({})))
@@ -44,56 +40,6 @@ pub fn render(
         }
     }
     table
-}
-
-/// NAME and AGE only.
-fn fallback(objects: &[Value], now: jiff::Timestamp, include: IncludeObject) -> Value {
-    let rows: Vec<Value> = objects
-        .iter()
-        .map(|o| {
-            let name = o["metadata"]["name"].as_str().unwrap_or_default();
-            let age = o["metadata"]["creationTimestamp"]
-                .as_str()
-                .and_then(|t| t.parse::<jiff::Timestamp>().ok())
-                .map(|t| short_duration(now.as_second().saturating_sub(t.as_second())))
-                .unwrap_or_else(|| "<unknown>".into());
-            let mut row = json!({ "cells": [name, age] });
-            match include {
-                IncludeObject::None => {}
-                IncludeObject::Metadata => {
-                    row["object"] = json!({
-                        "kind": "PartialObjectMetadata",
-                        "apiVersion": "meta.k8s.io/v1",
-                        "metadata": o["metadata"],
-                    })
-                }
-                IncludeObject::Object => row["object"] = o.clone(),
-            }
-            row
-        })
-        .collect();
-    json!({
-        "kind": "Table",
-        "apiVersion": "meta.k8s.io/v1",
-        "metadata": {},
-        "columnDefinitions": [
-            { "name": "Name", "type": "string", "format": "name", "description": "Name must be unique within a namespace.", "priority": 0 },
-            { "name": "Age", "type": "string", "format": "", "description": "CreationTimestamp is a timestamp representing the server time when this object was created.", "priority": 0 },
-        ],
-        "rows": rows,
-    })
-}
-
-/// Kubernetes' short human durations: `45s`, `12m`, `5h`, `3d`, `2y`.
-pub fn short_duration(secs: i64) -> String {
-    let s = secs.max(0);
-    match s {
-        0..120 => format!("{s}s"),
-        120..=3599 => format!("{}m", s / 60),
-        3600..=86_399 => format!("{}h", s / 3600),
-        86_400..=31_535_999 => format!("{}d", s / 86_400),
-        _ => format!("{}y", s / 31_536_000),
-    }
 }
 
 #[cfg(test)]
@@ -110,15 +56,15 @@ mod tests {
     }
 
     #[test]
-    fn fallback_has_name_and_age() {
+    fn render_fills_list_metadata() {
         let pv = berth_api::resources::by_plural("", "v1", "persistentvolumes").unwrap();
         let now = jiff::Timestamp::now();
         let created = now.checked_sub(jiff::SignedDuration::from_secs(300)).unwrap();
-        let obj = json!({"metadata": {"name": "a", "creationTimestamp": created.to_string()}});
-        let t = fallback(&[obj], now, IncludeObject::Metadata);
-        assert_eq!(t["rows"][0]["cells"], json!(["a", "5m"]));
+        let obj = json!({"metadata": {"name": "a", "creationTimestamp": created.to_string()}, "spec": {}});
+        let t = render(pv, &[obj], IncludeObject::Metadata, Some("7"), Some("next"));
+        assert_eq!(t["metadata"]["resourceVersion"], "7");
+        assert_eq!(t["metadata"]["continue"], "next");
+        assert_eq!(t["rows"][0]["cells"][0], "a");
         assert_eq!(t["rows"][0]["object"]["kind"], "PartialObjectMetadata");
-        let r = render(pv, &[], IncludeObject::None, Some("7"), None);
-        assert_eq!(r["metadata"]["resourceVersion"], "7");
     }
 }
