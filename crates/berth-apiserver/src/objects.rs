@@ -262,6 +262,14 @@ pub fn selected(obj: &Value, labels: &LabelSelector, fields: &FieldSelector) -> 
     labels.matches(&map) && fields.matches(obj)
 }
 
+/// Which parts of an object an update may change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Write {
+    Main,
+    Status,
+    Both,
+}
+
 /// The objects of one kind, over the store.
 #[derive(Debug, Clone)]
 pub struct Objects {
@@ -519,7 +527,23 @@ impl Objects {
     ) -> Result<Answer, ApiError> {
         check_body_identity(res, ns, name, &new)?;
         let (old, old_rev) = self.read(res, ns, name).await?;
-        self.write_update(res, ns, name, old, old_rev, new, warnings, status, dry_run)
+        let part = if status { Write::Status } else { Write::Main };
+        self.write_update(res, ns, name, old, old_rev, new, warnings, part, dry_run)
+            .await
+    }
+
+    /// An in-process controller's update of spec and status in one write (validated as both
+    /// a PUT and a PUT of `/status`); compare-and-swap on the body's resourceVersion.
+    pub async fn update_all(
+        &self,
+        res: &Resource,
+        ns: Option<&str>,
+        name: &str,
+        new: Value,
+    ) -> Result<Answer, ApiError> {
+        check_body_identity(res, ns, name, &new)?;
+        let (old, old_rev) = self.read(res, ns, name).await?;
+        self.write_update(res, ns, name, old, old_rev, new, Vec::new(), Write::Both, false)
             .await
     }
 
@@ -534,9 +558,10 @@ impl Objects {
         old_rev: u64,
         mut new: Value,
         warnings: Vec<String>,
-        status: bool,
+        part: Write,
         dry_run: bool,
     ) -> Result<Answer, ApiError> {
+        let status = part == Write::Status;
         if let Some(rv) = meta_str(&new, "resourceVersion")
             && rv != old_rev.to_string()
         {
@@ -576,6 +601,7 @@ impl Objects {
             m.remove("managedFields");
             m.remove("selfLink");
             if res.has_status
+                && part == Write::Main
                 && let Some(o) = new.as_object_mut()
             {
                 match old.get("status") {
@@ -589,10 +615,14 @@ impl Objects {
             let g = meta(&old)["generation"].as_i64().unwrap_or(0);
             set_meta(&mut new, "generation", json!(g + 1));
         }
-        let errors = if status {
-            validation::validate_status_update(res, &new, &old)
-        } else {
-            validation::validate_update(res, &new, &old)
+        let errors = match part {
+            Write::Status => validation::validate_status_update(res, &new, &old),
+            Write::Main => validation::validate_update(res, &new, &old),
+            Write::Both => {
+                let mut e = validation::validate_update(res, &new, &old);
+                e.extend(validation::validate_status_update(res, &new, &old));
+                e
+            }
         };
         invalid(res, name, errors)?;
         let op = if status {
@@ -686,7 +716,7 @@ impl Objects {
                     old_rev,
                     decoded.object,
                     decoded.warnings,
-                    status,
+                    if status { Write::Status } else { Write::Main },
                     dry_run,
                 )
                 .await

@@ -61,8 +61,14 @@ impl AccessModes {
         self.0 & other.0 == other.0
     }
 
-    fn len(self) -> u32 {
+    /// How many modes the set holds.
+    pub fn len(self) -> u32 {
         self.0.count_ones()
+    }
+
+    /// Whether the set holds no mode.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
     }
 }
 

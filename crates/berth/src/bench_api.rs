@@ -164,7 +164,14 @@ impl Drop for Server {
 fn start_server(data: &Path) -> Result<Server> {
     let exe = std::env::current_exe()?;
     let child = Command::new(exe)
-        .args(["server", "--api-only", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "server",
+            "--api-only",
+            "--no-controllers",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(data)
         .env("BERTH_LOG", "warn")
         .stdout(Stdio::null())

@@ -42,6 +42,10 @@ pub struct ServerArgs {
     /// Serve the API alone: no storage engine, no pool, no CSI driver, no Docker plugin.
     #[arg(long)]
     pub api_only: bool,
+    /// Do not run the storage controllers (binder, provisioner, ...): the API and the
+    /// storage roles only, for measuring the API server alone.
+    #[arg(long)]
+    pub no_controllers: bool,
     /// The storage engine's pools (its data dir is --data-dir).
     #[arg(long = "pool", value_parser = crate::parse_pool)]
     pub pools: Vec<(String, PathBuf)>,
@@ -126,6 +130,7 @@ pub fn run(args: ServerArgs, shutdown: impl std::future::Future<Output = ()> + S
             shutdown.await;
             let _ = stop_tx.send(true);
         });
+        let controllers_stop = stop_rx.clone();
         let stopped = move || {
             let mut rx = stop_rx.clone();
             async move {
@@ -167,9 +172,13 @@ pub fn run(args: ServerArgs, shutdown: impl std::future::Future<Output = ()> + S
         };
         let pki =
             berth_apiserver::pki::ensure(&args.data_dir, &url, &args.tls_sans).context("preparing TLS and tokens")?;
-        let server = berth_apiserver::ApiServer::new(store, pki.tokens.clone(), addr.to_string())
+        let server = berth_apiserver::ApiServer::new(store.clone(), pki.tokens.clone(), addr.to_string())
             .await
             .map_err(|e| anyhow::anyhow!("starting the API server: {e}"))?;
+        if !args.no_controllers {
+            crate::control::start(berth_apiserver::objects::Objects { store }, controllers_stop);
+            tracing::info!("running the storage controllers");
+        }
         tracing::info!(
             %url,
             kubeconfig = %args.data_dir.join("admin.kubeconfig").display(),

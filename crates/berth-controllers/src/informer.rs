@@ -1,0 +1,230 @@
+//! Informers: one in-memory copy of every object of a kind, kept current by list-then-watch,
+//! with callbacks on every change (which enqueue keys for the runners).
+//!
+//! A watch that falls behind the store's compaction (410 Gone) or breaks lists again; keys that
+//! vanished meanwhile are reported as deletions. The cache is level-triggered truth for the
+//! runners: they read objects here and write through [`Api`], never keeping state of their own
+//! that the cache cannot rebuild.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use berth_api::Resource;
+use serde_json::Value;
+use tokio::sync::watch;
+
+use crate::api::{Api, ApiError, Event, Typed, object_key};
+
+/// One change, as handlers see it.
+#[derive(Debug)]
+pub enum Change<'a, T> {
+    /// Added or modified; `old` is the previous cached copy, if any.
+    Upsert { old: Option<&'a Arc<T>>, new: &'a Arc<T> },
+    /// Deleted; the last known copy.
+    Delete(&'a Arc<T>),
+}
+
+type Handler<T> = Box<dyn Fn(&Change<'_, T>) + Send + Sync>;
+
+/// A cached object and the revision it was read at.
+#[derive(Debug)]
+struct Entry<T> {
+    rev: u64,
+    obj: Arc<T>,
+}
+
+/// The cache of one kind.
+pub struct Informer<T> {
+    res: &'static Resource,
+    cache: RwLock<HashMap<String, Entry<T>>>,
+    handlers: Mutex<Vec<Handler<T>>>,
+    synced: watch::Sender<bool>,
+}
+
+impl<T> std::fmt::Debug for Informer<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Informer")
+            .field("kind", &self.res.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The revision stamped in `metadata.resourceVersion` (0 when absent).
+pub fn revision_of(v: &Value) -> u64 {
+    v["metadata"]["resourceVersion"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+impl<T: Typed + Send + Sync + 'static> Informer<T> {
+    pub fn new(res: &'static Resource) -> Arc<Self> {
+        Arc::new(Informer {
+            res,
+            cache: RwLock::new(HashMap::new()),
+            handlers: Mutex::new(Vec::new()),
+            synced: watch::channel(false).0,
+        })
+    }
+
+    pub fn resource(&self) -> &'static Resource {
+        self.res
+    }
+
+    /// Calls `f` on every change from now on (register before [`Informer::run`]).
+    pub fn on_change(&self, f: impl Fn(&Change<'_, T>) + Send + Sync + 'static) {
+        lock(&self.handlers).push(Box::new(f));
+    }
+
+    /// The cached object under `key` (`ns/name` or `name`).
+    pub fn get(&self, key: &str) -> Option<Arc<T>> {
+        read(&self.cache).get(key).map(|e| e.obj.clone())
+    }
+
+    /// Every cached object.
+    pub fn list(&self) -> Vec<Arc<T>> {
+        read(&self.cache).values().map(|e| e.obj.clone()).collect()
+    }
+
+    /// Every cached key.
+    pub fn keys(&self) -> Vec<String> {
+        read(&self.cache).keys().cloned().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        read(&self.cache).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Waits until the first list has been loaded.
+    pub async fn wait_synced(&self) {
+        let mut rx = self.synced.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    /// Puts a copy this process just wrote into the cache before its watch event arrives, so
+    /// the next decision sees it. Older copies than the cached one are ignored.
+    pub fn assume(&self, v: Value) {
+        self.apply(Event::Modified(v));
+    }
+
+    fn apply(&self, ev: Event) {
+        let (deleted, v) = match ev {
+            Event::Added(v) | Event::Modified(v) => (false, v),
+            Event::Deleted(v) => (true, v),
+        };
+        let key = object_key(&v);
+        let rev = revision_of(&v);
+        if deleted {
+            let gone = {
+                let mut cache = write(&self.cache);
+                match cache.get(&key) {
+                    // A newer copy (from an assume) replaced it; the deletion is older.
+                    Some(e) if e.rev > rev && rev != 0 => None,
+                    _ => cache.remove(&key),
+                }
+            };
+            if let Some(e) = gone {
+                self.notify(&Change::Delete(&e.obj));
+            }
+            return;
+        }
+        let obj = match T::from_value(v) {
+            Ok(o) => Arc::new(o),
+            Err(e) => {
+                tracing::warn!(kind = self.res.kind, %key, error = %e, "skipping an object that does not decode");
+                return;
+            }
+        };
+        let old = {
+            let mut cache = write(&self.cache);
+            match cache.get(&key) {
+                Some(e) if e.rev >= rev && rev != 0 => return,
+                _ => cache.insert(key, Entry { rev, obj: obj.clone() }),
+            }
+        };
+        self.notify(&Change::Upsert {
+            old: old.as_ref().map(|e| &e.obj),
+            new: &obj,
+        });
+    }
+
+    fn notify(&self, change: &Change<'_, T>) {
+        for h in lock(&self.handlers).iter() {
+            h(change);
+        }
+    }
+
+    /// Replaces the cache with a fresh list, reporting what changed.
+    fn replace(&self, items: Vec<Value>) {
+        let mut seen = std::collections::HashSet::with_capacity(items.len());
+        for v in items {
+            seen.insert(object_key(&v));
+            self.apply(Event::Added(v));
+        }
+        let stale: Vec<String> = read(&self.cache)
+            .keys()
+            .filter(|k| !seen.contains(*k))
+            .cloned()
+            .collect();
+        for k in stale {
+            let gone = write(&self.cache).remove(&k);
+            if let Some(e) = gone {
+                self.notify(&Change::Delete(&e.obj));
+            }
+        }
+    }
+
+    /// Lists and watches until `stop` resolves; lists again after a broken watch.
+    pub async fn run(self: Arc<Self>, api: Arc<dyn Api>, mut stop: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let result = tokio::select! {
+                r = self.list_and_watch(&*api) => r,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            match result {
+                Err(ApiError::Gone(_)) => backoff = Duration::from_millis(50),
+                Err(e) => {
+                    tracing::warn!(kind = self.res.kind, error = %e, "watch broke; listing again");
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Ok(()) => {}
+            }
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    }
+
+    async fn list_and_watch(&self, api: &dyn Api) -> Result<(), ApiError> {
+        let (items, rev) = api.list(self.res).await?;
+        self.replace(items);
+        self.synced.send_replace(true);
+        let mut events = api.watch(self.res, rev).await?;
+        while let Some(ev) = events.recv().await {
+            self.apply(ev?);
+        }
+        Err(ApiError::Other("watch ended".into()))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -1,0 +1,355 @@
+//! The PersistentVolume controller's runner: claim and volume queues fed by the informers,
+//! [`crate::pv_sync`] deciding, and this module writing what was decided.
+//!
+//! Binding is two writes (the volume, then the claim), each carrying spec and status together.
+//! A volume chosen for a claim is reserved in the [`VolumeIndex`] until its write lands, so
+//! parallel claim workers never pick the same one; the compare-and-swap on each write makes a
+//! stale decision fail (Conflict) instead of overwriting anything. A crash between the two
+//! writes leaves a volume whose claimRef names a claim without `volumeName`: the claim's next
+//! sync finds that volume pre-bound to it and finishes the bind.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use tokio::sync::watch;
+
+use crate::Informers;
+use crate::api::{Api, ApiError, Part, Typed, kinds};
+use crate::binder::claim_class;
+use crate::events::{Involved, Recorder};
+use crate::index::VolumeIndex;
+use crate::informer::Change;
+use crate::pv_sync::{self, ClaimSeen, ClaimStep, Note, VolumeStep, claim_key, claim_ref_uid, claim_volume_name};
+use crate::queue::{Outcome, Queue};
+
+/// How often every claim and volume is looked at again regardless of events (Kubernetes: 15 s).
+/// Events drive the happy path; this only catches what no event announces (a class created
+/// after its claims, a provisioner that appeared).
+pub const RESYNC: Duration = Duration::from_secs(15);
+
+/// The runner.
+#[derive(Debug)]
+pub struct PvController {
+    api: Arc<dyn Api>,
+    inf: Arc<Informers>,
+    index: Mutex<VolumeIndex>,
+    claims: Arc<Queue>,
+    volumes: Arc<Queue>,
+    events: Recorder,
+}
+
+fn pvc_involved(c: &PersistentVolumeClaim) -> Involved {
+    Involved::of("v1", "PersistentVolumeClaim", &c.metadata)
+}
+
+fn pv_involved(v: &PersistentVolume) -> Involved {
+    Involved::of("v1", "PersistentVolume", &v.metadata)
+}
+
+impl PvController {
+    /// Builds the controller and hooks it to the informers (before they run).
+    pub fn new(api: Arc<dyn Api>, inf: Arc<Informers>, events: &Recorder) -> Arc<Self> {
+        let ctl = Arc::new(PvController {
+            api,
+            inf: inf.clone(),
+            index: Mutex::new(VolumeIndex::new()),
+            claims: Queue::new("claims"),
+            volumes: Queue::new("volumes"),
+            events: events.for_component("persistentvolume-controller"),
+        });
+        let c = ctl.clone();
+        inf.pvs.on_change(move |change| match change {
+            Change::Upsert { new, .. } => {
+                c.index().upsert((*new).clone());
+                if let Some(n) = &new.metadata.name {
+                    c.volumes.add(n.clone());
+                }
+                if let Some(k) = claim_ref_key(new) {
+                    c.claims.add(k);
+                }
+            }
+            Change::Delete(old) => {
+                if let Some(n) = &old.metadata.name {
+                    c.index().remove(n);
+                }
+                if let Some(k) = claim_ref_key(old) {
+                    c.claims.add(k);
+                }
+            }
+        });
+        let c = ctl.clone();
+        inf.pvcs.on_change(move |change| match change {
+            Change::Upsert { new, .. } => c.claims.add(claim_key(new)),
+            Change::Delete(old) => {
+                // Its volumes become Released.
+                let name = claim_volume_name(old);
+                if !name.is_empty() {
+                    c.volumes.add(name.to_owned());
+                }
+                for v in c.index().claimed_by(&claim_key(old)) {
+                    c.volumes.add(v);
+                }
+            }
+        });
+        let c = ctl.clone();
+        inf.classes.on_change(move |change| {
+            // Claims of a new or changed class may now provision or bind.
+            if let Change::Upsert { new, .. } = change {
+                let class = new.metadata.name.as_deref().unwrap_or("");
+                for claim in c.inf.pvcs.list() {
+                    if claim_volume_name(&claim).is_empty() && claim_class(&claim) == class {
+                        c.claims.add(claim_key(&claim));
+                    }
+                }
+            }
+        });
+        ctl
+    }
+
+    fn index(&self) -> std::sync::MutexGuard<'_, VolumeIndex> {
+        self.index.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Runs `workers` claim workers and as many volume workers until `stop`.
+    pub async fn run(self: Arc<Self>, workers: usize, stop: watch::Receiver<bool>) {
+        self.inf.wait_synced().await;
+        let c = self.clone();
+        let claims = tokio::spawn(self.claims.clone().run(
+            workers,
+            move |key| {
+                let c = c.clone();
+                async move { c.sync_claim(&key).await }
+            },
+            stop.clone(),
+        ));
+        let c = self.clone();
+        let volumes = tokio::spawn(self.volumes.clone().run(
+            workers,
+            move |key| {
+                let c = c.clone();
+                async move { c.sync_volume(&key).await }
+            },
+            stop.clone(),
+        ));
+        let c = self.clone();
+        let mut stop2 = stop.clone();
+        let resync = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(RESYNC) => {}
+                    _ = stop2.wait_for(|s| *s) => return,
+                }
+                for claim in c.inf.pvcs.list() {
+                    if claim.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Bound") {
+                        c.claims.add(claim_key(&claim));
+                    }
+                }
+                for pv in c.inf.pvs.list() {
+                    if pv.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Bound")
+                        && let Some(n) = &pv.metadata.name
+                    {
+                        c.volumes.add(n.clone());
+                    }
+                }
+            }
+        });
+        let _ = tokio::join!(claims, volumes, resync);
+    }
+
+    async fn sync_claim(&self, key: &str) -> Outcome {
+        let Some(claim) = self.inf.pvcs.get(key) else {
+            return Outcome::Done;
+        };
+        let class = self.inf.classes.get(claim_class(&claim));
+        let mut reserved = None;
+        let step = pv_sync::sync_claim(
+            &claim,
+            |n| self.index().get(n),
+            |delay| {
+                let found = self.index().find(&claim, delay, true)?;
+                reserved = found.as_ref().and_then(|v| v.metadata.name.clone());
+                Ok(found)
+            },
+            class.as_deref(),
+        );
+        let outcome = match step {
+            ClaimStep::Bind { volume } => self.bind(&claim, &volume).await,
+            ClaimStep::Pending(note) => {
+                if let Some(n) = note {
+                    self.events.record(pvc_involved(&claim), n);
+                }
+                self.claim_phase(&claim, "Pending").await
+            }
+            ClaimStep::Provision { provisioner } => self.hand_to_provisioner(&claim, &provisioner).await,
+            ClaimStep::Lost(note) => {
+                self.events.record(pvc_involved(&claim), note);
+                self.claim_phase(&claim, "Lost").await
+            }
+            ClaimStep::Fail(msg) => {
+                tracing::warn!(claim = key, "{msg}");
+                Outcome::Retry
+            }
+        };
+        if let Some(v) = reserved {
+            self.index().release(&v);
+        }
+        outcome
+    }
+
+    async fn claim_phase(&self, claim: &PersistentVolumeClaim, phase: &str) -> Outcome {
+        match pv_sync::claim_in_phase(claim, phase) {
+            Some(new) => self.write_claim(new, Part::Status).await,
+            None => Outcome::Done,
+        }
+    }
+
+    async fn hand_to_provisioner(&self, claim: &PersistentVolumeClaim, provisioner: &str) -> Outcome {
+        if let Some(new) = pv_sync::claim_for_provisioner(claim, provisioner) {
+            self.events
+                .record(pvc_involved(claim), pv_sync::external_provisioning_note(provisioner));
+            let out = self.write_claim(new, Part::Main).await;
+            if out != Outcome::Done {
+                return out;
+            }
+        }
+        match self.inf.pvcs.get(&claim_key(claim)) {
+            Some(c) => self.claim_phase(&c, "Pending").await,
+            None => Outcome::Done,
+        }
+    }
+
+    async fn write_claim(&self, new: PersistentVolumeClaim, part: Part) -> Outcome {
+        let value = match new.to_value() {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "encoding a claim");
+                return Outcome::Retry;
+            }
+        };
+        match self.api.update(kinds::pvcs(), value, part).await {
+            Ok(stored) => {
+                self.inf.pvcs.assume(stored);
+                Outcome::Done
+            }
+            Err(e) => retry_after(&e),
+        }
+    }
+
+    async fn write_volume(&self, new: PersistentVolume, part: Part) -> Result<PersistentVolume, Outcome> {
+        let value = new.to_value().map_err(|_| Outcome::Retry)?;
+        match self.api.update(kinds::pvs(), value, part).await {
+            Ok(stored) => {
+                self.inf.pvs.assume(stored.clone());
+                PersistentVolume::from_value(stored).map_err(|_| Outcome::Retry)
+            }
+            Err(e) => Err(retry_after(&e)),
+        }
+    }
+
+    /// Binds `claim` to `volume`: the volume first, then the claim.
+    async fn bind(&self, claim: &PersistentVolumeClaim, volume: &str) -> Outcome {
+        let Some(pv) = self.index().get(volume) else {
+            return Outcome::Retry;
+        };
+        let pv = match pv_sync::bound_volume(&pv, claim) {
+            Some(new) => match self.write_volume(new, Part::Both).await {
+                Ok(v) => v,
+                Err(o) => return o,
+            },
+            None => (*pv).clone(),
+        };
+        match pv_sync::bound_claim(claim, &pv) {
+            Some(new) => self.write_claim(new, Part::Both).await,
+            None => Outcome::Done,
+        }
+    }
+
+    async fn sync_volume(&self, name: &str) -> Outcome {
+        let Some(pv) = self.inf.pvs.get(name) else {
+            return Outcome::Done;
+        };
+        let fresh;
+        let seen = match claim_ref_uid(&pv) {
+            None => ClaimSeen::NotNeeded,
+            Some(uid) => {
+                let r = pv.spec.as_ref().and_then(|s| s.claim_ref.as_ref());
+                let ns = r.and_then(|r| r.namespace.clone()).unwrap_or_default();
+                let cname = r.and_then(|r| r.name.clone()).unwrap_or_default();
+                match self.inf.pvcs.get(&format!("{ns}/{cname}")) {
+                    Some(c) if c.metadata.uid.as_deref() == Some(uid) => {
+                        fresh = c;
+                        ClaimSeen::Found(&fresh)
+                    }
+                    // The cache may be behind: ask the store before calling the claim gone.
+                    _ => match self.api.get(kinds::pvcs(), Some(&ns), &cname).await {
+                        Ok(v) => match PersistentVolumeClaim::from_value(v) {
+                            Ok(c) if c.metadata.uid.as_deref() == Some(uid) => {
+                                fresh = Arc::new(c);
+                                ClaimSeen::Found(&fresh)
+                            }
+                            Ok(_) => ClaimSeen::Gone,
+                            Err(_) => return Outcome::Retry,
+                        },
+                        Err(ApiError::NotFound(_)) => ClaimSeen::Gone,
+                        Err(e) => return retry_after(&e),
+                    },
+                }
+            }
+        };
+        match pv_sync::sync_volume(&pv, seen) {
+            VolumeStep::Nothing => Outcome::Done,
+            VolumeStep::SyncClaim(key) => {
+                self.claims.add(key);
+                Outcome::Done
+            }
+            VolumeStep::Phase { phase, note } => {
+                if let Some(n) = &note {
+                    self.events.record(pv_involved(&pv), n.clone());
+                }
+                match pv_sync::volume_in_phase(&pv, phase, note.as_ref()) {
+                    Some(new) => match self.write_volume(new, Part::Status).await {
+                        Ok(_) => Outcome::Done,
+                        Err(o) => o,
+                    },
+                    None => Outcome::Done,
+                }
+            }
+            VolumeStep::Unbind { whole } => {
+                match self.write_volume(pv_sync::unbound_volume(&pv, whole), Part::Both).await {
+                    Ok(_) => Outcome::Done,
+                    Err(o) => o,
+                }
+            }
+        }
+    }
+
+    /// Records an event about a volume (for the other controllers sharing this recorder).
+    pub fn note_volume(&self, pv: &PersistentVolume, note: Note) {
+        self.events.record(pv_involved(pv), note);
+    }
+}
+
+/// How soon to look again after a failed write: at once after a conflict (the cache is about
+/// to catch up), never for a gone object, with backoff otherwise.
+pub fn retry_after(e: &ApiError) -> Outcome {
+    match e {
+        ApiError::NotFound(_) => Outcome::Done,
+        ApiError::Conflict(_) => Outcome::After(Duration::from_millis(20)),
+        ApiError::Invalid(msg) => {
+            tracing::warn!("a controller write was refused: {msg}");
+            Outcome::Retry
+        }
+        _ => Outcome::Retry,
+    }
+}
+
+/// The key of a claim named by a volume's claimRef.
+pub fn claim_ref_key(pv: &PersistentVolume) -> Option<String> {
+    let r = pv.spec.as_ref()?.claim_ref.as_ref()?;
+    Some(format!(
+        "{}/{}",
+        r.namespace.as_deref().unwrap_or(""),
+        r.name.as_deref().unwrap_or("")
+    ))
+}

@@ -1,0 +1,150 @@
+//! The controllers, in process: [`LocalApi`] gives them the API server's object layer (the
+//! same defaulting, validation and admission a kubectl request meets, without HTTP), and
+//! [`start`] runs them until shutdown.
+
+use std::sync::Arc;
+
+use berth_api::Resource;
+use berth_apiserver::decode::DeleteOptions;
+use berth_apiserver::error::ApiError as ServerError;
+use berth_apiserver::objects::{ListRequest, Objects, prefix, stamped};
+use berth_controllers::api::{Api, ApiError, Event, EventStream, Part};
+use berth_store::{StoreError, WatchEvent};
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+
+/// [`Api`] over the server's [`Objects`].
+#[derive(Debug, Clone)]
+pub struct LocalApi {
+    pub objects: Objects,
+}
+
+fn convert(e: ServerError) -> ApiError {
+    let msg = e.to_string();
+    match e {
+        ServerError::NotFound(_) => ApiError::NotFound(msg),
+        ServerError::AlreadyExists(_) => ApiError::AlreadyExists(msg),
+        ServerError::Conflict { .. } => ApiError::Conflict(msg),
+        ServerError::Gone(_) => ApiError::Gone(msg),
+        ServerError::Invalid { .. } | ServerError::Denied { .. } | ServerError::BadRequest(_) => ApiError::Invalid(msg),
+        _ => ApiError::Other(msg),
+    }
+}
+
+fn store_error(e: StoreError) -> ApiError {
+    match e {
+        StoreError::Gone { .. } => ApiError::Gone(e.to_string()),
+        other => ApiError::Other(other.to_string()),
+    }
+}
+
+fn ns_name(v: &Value) -> (Option<String>, String) {
+    let m = &v["metadata"];
+    (
+        m["namespace"].as_str().filter(|s| !s.is_empty()).map(str::to_owned),
+        m["name"].as_str().unwrap_or("").to_owned(),
+    )
+}
+
+#[async_trait::async_trait]
+impl Api for LocalApi {
+    async fn list(&self, res: &'static Resource) -> Result<(Vec<Value>, u64), ApiError> {
+        let listed = self
+            .objects
+            .list(res, None, &ListRequest::default())
+            .await
+            .map_err(convert)?;
+        Ok((listed.items, listed.revision))
+    }
+
+    async fn watch(&self, res: &'static Resource, revision: u64) -> Result<EventStream, ApiError> {
+        let mut w = self
+            .objects
+            .store
+            .watch(&prefix(res, None), revision)
+            .await
+            .map_err(store_error)?;
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(async move {
+            while let Some(ev) = w.recv().await {
+                let out = match ev {
+                    Err(e) => Err(store_error(e)),
+                    Ok(WatchEvent::Bookmark(_)) => continue,
+                    Ok(WatchEvent::Added(o)) => stamped(&o.value, o.mod_revision).map(Event::Added).map_err(convert),
+                    Ok(WatchEvent::Modified(o)) => {
+                        stamped(&o.value, o.mod_revision).map(Event::Modified).map_err(convert)
+                    }
+                    Ok(WatchEvent::Deleted(o)) => {
+                        stamped(&o.value, o.mod_revision).map(Event::Deleted).map_err(convert)
+                    }
+                };
+                let end = out.is_err();
+                if tx.send(out).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    async fn get(&self, res: &'static Resource, ns: Option<&str>, name: &str) -> Result<Value, ApiError> {
+        self.objects.get(res, ns, name).await.map_err(convert)
+    }
+
+    async fn create(&self, res: &'static Resource, obj: Value) -> Result<Value, ApiError> {
+        let (ns, _) = ns_name(&obj);
+        let answer = self
+            .objects
+            .create(res, ns.as_deref(), obj, Vec::new(), false)
+            .await
+            .map_err(convert)?;
+        Ok(answer.body)
+    }
+
+    async fn update(&self, res: &'static Resource, obj: Value, part: Part) -> Result<Value, ApiError> {
+        let (ns, name) = ns_name(&obj);
+        let answer = match part {
+            Part::Main | Part::Status => {
+                self.objects
+                    .update(res, ns.as_deref(), &name, obj, Vec::new(), part == Part::Status, false)
+                    .await
+            }
+            Part::Both => self.objects.update_all(res, ns.as_deref(), &name, obj).await,
+        }
+        .map_err(convert)?;
+        Ok(answer.body)
+    }
+
+    async fn delete(
+        &self,
+        res: &'static Resource,
+        ns: Option<&str>,
+        name: &str,
+        uid: Option<&str>,
+    ) -> Result<(), ApiError> {
+        let opts = DeleteOptions {
+            uid: uid.map(str::to_owned),
+            ..DeleteOptions::default()
+        };
+        self.objects
+            .delete(res, ns, name, &opts, false)
+            .await
+            .map(|_| ())
+            .map_err(convert)
+    }
+}
+
+/// How many workers each queue runs: enough parallel writes for the store's group commit.
+pub const WORKERS: usize = 64;
+
+/// Starts the controllers over `objects`; they stop when `stop` turns true.
+pub fn start(objects: Objects, stop: watch::Receiver<bool>) {
+    let api: Arc<dyn Api> = Arc::new(LocalApi { objects });
+    let inf = berth_controllers::Informers::new();
+    let events = berth_controllers::events::start(api.clone());
+    let pv = berth_controllers::pv_controller::PvController::new(api.clone(), inf.clone(), &events);
+    let protection = berth_controllers::protection::Protection::new(api.clone(), inf.clone());
+    inf.start(&api, &stop);
+    tokio::spawn(pv.run(WORKERS, stop.clone()));
+    tokio::spawn(protection.run(8, stop));
+}
