@@ -8,6 +8,7 @@
 //! writes leaves a volume whose claimRef names a claim without `volumeName`: the claim's next
 //! sync finds that volume pre-bound to it and finishes the bind.
 
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,7 +38,20 @@ pub struct PvController {
     claims: Arc<Queue>,
     volumes: Arc<Queue>,
     events: Recorder,
+    waiting: Mutex<Waiting>,
 }
+
+/// Unbound claims that found no volume, per class, oldest first: a volume that becomes
+/// Available wakes the first one it can serve, so a claim created before its volume binds as
+/// soon as the volume is ready instead of at the next resync.
+#[derive(Debug, Default)]
+struct Waiting {
+    by_class: HashMap<String, VecDeque<String>>,
+    members: HashSet<String>,
+}
+
+/// How many waiting claims one volume looks at before leaving the rest to the resync.
+const WAKE_SCAN: usize = 64;
 
 fn pvc_involved(c: &PersistentVolumeClaim) -> Involved {
     Involved::of("v1", "PersistentVolumeClaim", &c.metadata)
@@ -57,11 +71,19 @@ impl PvController {
             claims: Queue::new("claims"),
             volumes: Queue::new("volumes"),
             events: events.for_component("persistentvolume-controller"),
+            waiting: Mutex::new(Waiting::default()),
         });
         let c = ctl.clone();
         inf.pvs.on_change(move |change| match change {
-            Change::Upsert { new, .. } => {
+            Change::Upsert { old, new } => {
                 c.index().upsert((*new).clone());
+                let available = |v: &PersistentVolume| {
+                    v.spec.as_ref().is_some_and(|s| s.claim_ref.is_none())
+                        && v.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Available")
+                };
+                if available(new) && !old.is_some_and(|o| available(o)) {
+                    c.wake_for(new);
+                }
                 if let Some(n) = &new.metadata.name {
                     c.volumes.add(n.clone());
                 }
@@ -105,6 +127,55 @@ impl PvController {
             }
         });
         ctl
+    }
+
+    fn waiting(&self) -> std::sync::MutexGuard<'_, Waiting> {
+        self.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Remembers an unbound claim without a volume until a volume may serve it.
+    fn wait(&self, claim: &PersistentVolumeClaim) {
+        if !claim_volume_name(claim).is_empty() {
+            return;
+        }
+        let key = claim_key(claim);
+        let mut w = self.waiting();
+        if w.members.insert(key.clone()) {
+            w.by_class
+                .entry(claim_class(claim).to_owned())
+                .or_default()
+                .push_back(key);
+        }
+    }
+
+    /// Queues the oldest waiting claim that `pv` (just Available) can serve.
+    fn wake_for(&self, pv: &PersistentVolume) {
+        let class = crate::binder::volume_class(pv).to_owned();
+        let mut w = self.waiting();
+        let Waiting { by_class, members } = &mut *w;
+        let Some(queue) = by_class.get_mut(&class) else { return };
+        let mut i = 0;
+        let mut scanned = 0;
+        while i < queue.len() && scanned < WAKE_SCAN {
+            scanned += 1;
+            let key = &queue[i];
+            let claim = self.inf.pvcs.get(key);
+            let live = members.contains(key) && claim.as_ref().is_some_and(|c| claim_volume_name(c).is_empty());
+            if !live {
+                if let Some(k) = queue.remove(i) {
+                    members.remove(&k);
+                }
+                continue;
+            }
+            if claim.is_some_and(|c| pv_sync::volume_satisfies(pv, &c).is_ok()) {
+                if let Some(k) = queue.remove(i) {
+                    members.remove(&k);
+                    self.claims.add(k);
+                }
+                return;
+            }
+            i += 1;
+        }
     }
 
     fn index(&self) -> std::sync::MutexGuard<'_, VolumeIndex> {
@@ -179,9 +250,13 @@ impl PvController {
                 if let Some(n) = note {
                     self.events.record(pvc_involved(&claim), n);
                 }
+                self.wait(&claim);
                 self.claim_phase(&claim, "Pending").await
             }
-            ClaimStep::Provision { provisioner } => self.hand_to_provisioner(&claim, &provisioner).await,
+            ClaimStep::Provision { provisioner } => {
+                self.wait(&claim);
+                self.hand_to_provisioner(&claim, &provisioner).await
+            }
             ClaimStep::Lost(note) => {
                 self.events.record(pvc_involved(&claim), note);
                 self.claim_phase(&claim, "Lost").await

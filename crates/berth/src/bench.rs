@@ -57,6 +57,8 @@ enum BenchCommand {
     Snapshot(snapshot::SnapshotArgs),
     /// The Kubernetes API server: create throughput, list latency, watchers, RSS.
     Api(crate::bench_api::ApiArgs),
+    /// The controllers: pre-created PV/PVC pairs until every claim is Bound.
+    Bind(crate::bench_bind::BindArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -199,6 +201,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchCommand::Fio(a) => run_fio(a),
         BenchCommand::Snapshot(a) => snapshot::run(a),
         BenchCommand::Api(a) => crate::bench_api::run(a),
+        BenchCommand::Bind(a) => crate::bench_bind::run(a),
     }
 }
 

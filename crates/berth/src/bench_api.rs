@@ -53,21 +53,21 @@ pub struct ApiArgs {
 }
 
 /// One HTTP/1.1 connection over TLS with the admin token.
-struct Conn {
-    send: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+pub(crate) struct Conn {
+    pub(crate) send: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
     host: String,
     token: Arc<str>,
 }
 
 #[derive(Clone)]
-struct Target {
+pub(crate) struct Target {
     addr: String,
     tls: Arc<rustls::ClientConfig>,
     token: Arc<str>,
 }
 
 impl Target {
-    async fn connect(&self) -> Result<Conn> {
+    pub(crate) async fn connect(&self) -> Result<Conn> {
         let tcp = tokio::net::TcpStream::connect(&self.addr).await?;
         tcp.set_nodelay(true)?;
         let name = rustls::pki_types::ServerName::try_from("127.0.0.1")?.to_owned();
@@ -85,7 +85,13 @@ impl Target {
 }
 
 impl Conn {
-    fn request(&self, method: &str, path: &str, accept: &str, body: Vec<u8>) -> Result<hyper::Request<Full<Bytes>>> {
+    pub(crate) fn request(
+        &self,
+        method: &str,
+        path: &str,
+        accept: &str,
+        body: Vec<u8>,
+    ) -> Result<hyper::Request<Full<Bytes>>> {
         Ok(hyper::Request::builder()
             .method(method)
             .uri(path)
@@ -96,7 +102,7 @@ impl Conn {
             .body(Full::new(Bytes::from(body)))?)
     }
 
-    async fn call(&mut self, method: &str, path: &str, accept: &str, body: Vec<u8>) -> Result<(u16, Bytes)> {
+    pub(crate) async fn call(&mut self, method: &str, path: &str, accept: &str, body: Vec<u8>) -> Result<(u16, Bytes)> {
         let req = self.request(method, path, accept, body)?;
         self.send.ready().await?;
         let resp = self.send.send_request(req).await?;
@@ -127,19 +133,19 @@ fn pvc(name: &str) -> Vec<u8> {
     .unwrap_or_default()
 }
 
-fn histogram() -> Result<Histogram<u64>> {
+pub(crate) fn histogram() -> Result<Histogram<u64>> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).context("latency histogram")
 }
 
-fn micros(d: Duration) -> u64 {
+pub(crate) fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
 }
 
-fn ms(us: u64) -> String {
+pub(crate) fn ms(us: u64) -> String {
     format!("{:.2} ms", us as f64 / 1000.0)
 }
 
-fn rss_kib(pid: u32, field: &str) -> Result<u64> {
+pub(crate) fn rss_kib(pid: u32, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
@@ -150,8 +156,8 @@ fn rss_kib(pid: u32, field: &str) -> Result<u64> {
 }
 
 /// The server child; killed on drop.
-struct Server {
-    child: Child,
+pub(crate) struct Server {
+    pub(crate) child: Child,
 }
 
 impl Drop for Server {
@@ -162,16 +168,16 @@ impl Drop for Server {
 }
 
 fn start_server(data: &Path) -> Result<Server> {
+    start_server_with(data, &["--api-only", "--no-controllers"])
+}
+
+/// Starts `berth server` on `data` with `flags`, on any free loopback port.
+pub(crate) fn start_server_with(data: &Path, flags: &[&str]) -> Result<Server> {
     let exe = std::env::current_exe()?;
     let child = Command::new(exe)
-        .args([
-            "server",
-            "--api-only",
-            "--no-controllers",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
+        .arg("server")
+        .args(flags)
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data)
         .env("BERTH_LOG", "warn")
         .stdout(Stdio::null())
@@ -181,7 +187,7 @@ fn start_server(data: &Path) -> Result<Server> {
     Ok(Server { child })
 }
 
-async fn target(data: &Path) -> Result<Target> {
+pub(crate) async fn target(data: &Path) -> Result<Target> {
     let kubeconfig = data.join("admin.kubeconfig");
     let deadline = Instant::now() + Duration::from_secs(60);
     let text = loop {
@@ -228,7 +234,7 @@ async fn target(data: &Path) -> Result<Target> {
 
 /// Creates `count` objects named `{prefix}{i}` at `path` with `concurrency` connections;
 /// returns the elapsed time and the latency histogram.
-async fn create_many(
+pub(crate) async fn create_many(
     t: &Target,
     path: &'static str,
     prefix: &str,

@@ -14,6 +14,7 @@ use berth_storage::{BerthDriver, Engine, EngineConfig};
 
 mod bench;
 mod bench_api;
+mod bench_bind;
 mod control;
 mod docker_cli;
 mod server;

@@ -1,0 +1,251 @@
+//! `berth bench bind`: how fast the controllers bind pre-created PV/PVC pairs.
+//!
+//! 1. Starts `berth server --api-only --no-controllers` on a fresh data dir and creates
+//!    `--pairs` PVs and as many claims (1Gi, RWO, class `bench`; with `--prebound` each PV names
+//!    its claim and each claim its PV, as Kubernetes' own benchmark does; otherwise the binder
+//!    matches them), then kills it.
+//! 2. Starts it again with the controllers and watches the claims until every one is Bound.
+//!    Time-to-bound is measured from that start, so it includes the server's start and the
+//!    informers' first list.
+//! 3. Checks the result through the API: every volume Bound, to distinct claims, and each
+//!    claim's `volumeName` naming a volume whose claimRef names it back.
+//!
+//! Prints figures; asserts nothing beyond the check in 3. Removes its data dir at the end.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use http_body_util::BodyExt as _;
+
+use crate::bench_api::{create_many, histogram, micros, ms, rss_kib, start_server_with, target};
+
+#[derive(Debug, clap::Args)]
+pub struct BindArgs {
+    /// PV/PVC pairs (default 10000; 300 with --smoke).
+    #[arg(long)]
+    pairs: Option<usize>,
+    /// Pre-bind each pair (PV claimRef and claim volumeName), as Kubernetes' benchmark does.
+    #[arg(long)]
+    prebound: bool,
+    /// Concurrent writers while filling.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 1800)]
+    timeout: u64,
+    /// Small numbers, for CI.
+    #[arg(long)]
+    smoke: bool,
+}
+
+fn pv_body(name: &str, prebound: bool) -> Vec<u8> {
+    let i = name.trim_start_matches("bp-");
+    let mut v = serde_json::json!({
+        "apiVersion": "v1", "kind": "PersistentVolume",
+        "metadata": { "name": name },
+        "spec": { "capacity": { "storage": "1Gi" }, "accessModes": ["ReadWriteOnce"],
+                  "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "bench",
+                  "hostPath": { "path": format!("/srv/bench/{name}") } },
+    });
+    if prebound {
+        v["spec"]["claimRef"] = serde_json::json!({"namespace": "default", "name": format!("bc-{i}")});
+    }
+    serde_json::to_vec(&v).unwrap_or_default()
+}
+
+fn pvc_body(name: &str, prebound: bool) -> Vec<u8> {
+    let i = name.trim_start_matches("bc-");
+    let mut v = serde_json::json!({
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": { "name": name },
+        "spec": { "accessModes": ["ReadWriteOnce"], "storageClassName": "bench",
+                  "resources": { "requests": { "storage": "1Gi" } } },
+    });
+    if prebound {
+        v["spec"]["volumeName"] = serde_json::json!(format!("bp-{i}"));
+    }
+    serde_json::to_vec(&v).unwrap_or_default()
+}
+
+pub fn run(args: BindArgs) -> Result<()> {
+    let pairs = args.pairs.unwrap_or(if args.smoke { 300 } else { 10_000 });
+    let work = tempfile::Builder::new()
+        .prefix("berth-bench-bind.")
+        .tempdir_in("/var/tmp")?;
+    let data = work.path().join("data");
+    let runtime = tokio::runtime::Runtime::new()?;
+    println!("berth bench bind: {}", crate::bench::machine_line());
+    let mode = if args.prebound {
+        "pre-bound"
+    } else {
+        "matched by the binder"
+    };
+    println!("{pairs} PV/PVC pairs, {mode}");
+    runtime.block_on(async {
+        // 1. Fill without controllers.
+        {
+            let _server = start_server_with(&data, &["--api-only", "--no-controllers"])?;
+            let t = target(&data).await?;
+            let (pv_time, _) = if args.prebound {
+                create_many(
+                    &t,
+                    "/api/v1/persistentvolumes",
+                    "bp-",
+                    pairs,
+                    args.concurrency,
+                    |n| pv_body(n, true),
+                    None,
+                )
+                .await?
+            } else {
+                create_many(
+                    &t,
+                    "/api/v1/persistentvolumes",
+                    "bp-",
+                    pairs,
+                    args.concurrency,
+                    |n| pv_body(n, false),
+                    None,
+                )
+                .await?
+            };
+            let (pvc_time, _) = if args.prebound {
+                create_many(
+                    &t,
+                    "/api/v1/namespaces/default/persistentvolumeclaims",
+                    "bc-",
+                    pairs,
+                    args.concurrency,
+                    |n| pvc_body(n, true),
+                    None,
+                )
+                .await?
+            } else {
+                create_many(
+                    &t,
+                    "/api/v1/namespaces/default/persistentvolumeclaims",
+                    "bc-",
+                    pairs,
+                    args.concurrency,
+                    |n| pvc_body(n, false),
+                    None,
+                )
+                .await?
+            };
+            println!(
+                "filled in {:.1} s (PVs {:.1} s, claims {:.1} s), controllers off",
+                (pv_time + pvc_time).as_secs_f64(),
+                pv_time.as_secs_f64(),
+                pvc_time.as_secs_f64()
+            );
+        }
+        // The next start writes a kubeconfig with its own port.
+        let _ = std::fs::remove_file(data.join("admin.kubeconfig"));
+
+        // 2. Start with controllers; watch until every claim is Bound.
+        let started = Instant::now();
+        let server = start_server_with(&data, &["--api-only"])?;
+        let pid = server.child.id();
+        let t = target(&data).await?;
+        let up = started.elapsed();
+        let mut conn = t.connect().await?;
+        let req = conn.request(
+            "GET",
+            "/api/v1/persistentvolumeclaims?watch=1",
+            "application/json",
+            Vec::new(),
+        )?;
+        conn.send.ready().await?;
+        let resp = conn.send.send_request(req).await?;
+        let mut body = resp.into_body();
+        let mut buf = Vec::new();
+        let mut bound: HashMap<String, Duration> = HashMap::with_capacity(pairs);
+        let deadline = started + Duration::from_secs(args.timeout);
+        while bound.len() < pairs {
+            let frame = tokio::time::timeout_at(deadline.into(), body.frame())
+                .await
+                .with_context(|| format!("only {} of {pairs} claims Bound after {} s", bound.len(), args.timeout))?;
+            let Some(frame) = frame else { bail!("the watch ended") };
+            let Ok(chunk) = frame?.into_data() else { continue };
+            buf.extend_from_slice(&chunk);
+            while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=pos).collect();
+                let v: serde_json::Value = serde_json::from_slice(&line)?;
+                if v["object"]["status"]["phase"] == "Bound"
+                    && let Some(name) = v["object"]["metadata"]["name"].as_str()
+                {
+                    bound.entry(name.to_owned()).or_insert_with(|| started.elapsed());
+                }
+            }
+        }
+        let mut h = histogram()?;
+        for d in bound.values() {
+            h.saturating_record(micros(*d));
+        }
+        let first = bound.values().min().copied().unwrap_or_default();
+        let last = bound.values().max().copied().unwrap_or_default();
+        let binding = last.saturating_sub(first).as_secs_f64().max(1e-6);
+        println!(
+            "server up (API answering) after {:.2} s; first claim Bound after {:.2} s",
+            up.as_secs_f64(),
+            first.as_secs_f64()
+        );
+        println!(
+            "all {pairs} Bound after {:.2} s: {:.0} binds/s overall, {:.0} binds/s from the first bind to the last",
+            last.as_secs_f64(),
+            pairs as f64 / last.as_secs_f64().max(1e-6),
+            pairs as f64 / binding
+        );
+        println!(
+            "time to Bound from the server's start: p50 {} p99 {} max {}",
+            ms(h.value_at_quantile(0.5)),
+            ms(h.value_at_quantile(0.99)),
+            ms(h.max())
+        );
+        println!(
+            "server RSS {} MiB (peak {} MiB)",
+            rss_kib(pid, "VmRSS:")? / 1024,
+            rss_kib(pid, "VmHWM:")? / 1024
+        );
+
+        // 3. Check the bindings.
+        let (code, pvs) = conn_get(&t, "/api/v1/persistentvolumes").await?;
+        let (code2, pvcs) = conn_get(&t, "/api/v1/persistentvolumeclaims").await?;
+        if code != 200 || code2 != 200 {
+            bail!("listing for the check: HTTP {code}/{code2}");
+        }
+        let mut claimed = HashSet::new();
+        let mut refs = HashMap::new();
+        for pv in pvs["items"].as_array().into_iter().flatten() {
+            if pv["status"]["phase"] != "Bound" {
+                bail!("{} is {}, not Bound", pv["metadata"]["name"], pv["status"]["phase"]);
+            }
+            let claim = pv["spec"]["claimRef"]["name"].as_str().unwrap_or("").to_owned();
+            if !claimed.insert(claim.clone()) {
+                bail!("two volumes name claim {claim}");
+            }
+            refs.insert(pv["metadata"]["name"].as_str().unwrap_or("").to_owned(), claim);
+        }
+        for c in pvcs["items"].as_array().into_iter().flatten() {
+            let name = c["metadata"]["name"].as_str().unwrap_or("");
+            let vol = c["spec"]["volumeName"].as_str().unwrap_or("");
+            if refs.get(vol).map(String::as_str) != Some(name) {
+                bail!("claim {name} names {vol}, whose claimRef does not name it back");
+            }
+        }
+        println!(
+            "checked: {} volumes Bound to {} distinct claims, each naming its volume back",
+            refs.len(),
+            claimed.len()
+        );
+        drop(server);
+        Ok::<_, anyhow::Error>(())
+    })
+}
+
+async fn conn_get(t: &crate::bench_api::Target, path: &str) -> Result<(u16, serde_json::Value)> {
+    let mut c = t.connect().await?;
+    let (code, body) = c.call("GET", path, "application/json", Vec::new()).await?;
+    Ok((code, serde_json::from_slice(&body)?))
+}
