@@ -45,6 +45,12 @@ pub const TAINT_NODE_UNSCHEDULABLE: &str = "node.kubernetes.io/unschedulable";
 
 /// The PreFilter message for a pod with a claim that should already be bound.
 pub const ERR_UNBOUND_IMMEDIATE: &str = "pod has unbound immediate PersistentVolumeClaims";
+/// NodeUnschedulable's reason (`ErrReasonUnschedulable`).
+pub const ERR_NODE_UNSCHEDULABLE: &str = "node(s) were unschedulable";
+/// NodeAffinity's reason (`ErrReasonPod`).
+pub const ERR_NODE_AFFINITY: &str = "node(s) didn't match Pod's node affinity/selector";
+/// The scheduler's answer when there is no node at all (`ErrNoNodesAvailable`).
+pub const ERR_NO_NODES: &str = "no nodes available to schedule pods";
 
 /// Why a node cannot take a pod's volumes: VolumeBinding's `ConflictReason`s, with their exact
 /// text. A node may have several; they are listed in this order.
@@ -890,6 +896,108 @@ pub fn reserve(volumes: &PodVolumes<'_>, node_name: &str) -> VolumeWrites {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Choosing a node
+
+/// The node a pod goes to, with what its volumes need there (pass it to [`reserve`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Placement<'a> {
+    pub node: &'a Node,
+    pub volumes: PodVolumes<'a>,
+}
+
+/// The scheduler's message when no node fits (its `FitError`): "0/N nodes are available:"
+/// then, for a PreFilter failure, " <message>."; otherwise each distinct reason prefixed with
+/// the number of nodes that gave it, these strings sorted as strings (so "10 ..." sorts before
+/// "2 ...") and joined with ", ", then ".". `reasons` holds one entry per node per reason.
+pub fn fit_error_message<'r>(
+    num_nodes: usize,
+    pre_filter: Option<&str>,
+    reasons: impl IntoIterator<Item = &'r str>,
+) -> String {
+    let mut msg = format!("0/{num_nodes} nodes are available:");
+    if let Some(m) = pre_filter {
+        msg.push_str(&format!(" {m}."));
+        return msg;
+    }
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in reasons {
+        *counts.entry(r).or_default() += 1;
+    }
+    let mut parts: Vec<String> = counts.iter().map(|(r, n)| format!("{n} {r}")).collect();
+    parts.sort();
+    if !parts.is_empty() {
+        msg.push_str(&format!(" {}.", parts.join(", ")));
+    }
+    msg
+}
+
+/// Where `pod` runs, among `nodes`, as far as cordons, node affinity and volumes decide.
+///
+/// With no nodes the pod is unschedulable with "no nodes available to schedule pods". A
+/// [`pre_filter`] failure makes it unschedulable with "0/N nodes are available: <message>.".
+/// Each node is then checked by the first failing of, in kube-scheduler's order:
+/// NodeUnschedulable ("node(s) were unschedulable", see [`node_is_unschedulable_for`]),
+/// NodeAffinity ("node(s) didn't match Pod's node affinity/selector", see
+/// [`pod_node_affinity_matches`]) and VolumeBinding ([`filter`], whose reasons all count). An
+/// internal error on any node fails the attempt with `running "VolumeBinding" filter plugin:
+/// <error>` (or `running PreFilter plugin "VolumeBinding": <error>`). When no node fits, the
+/// message is [`fit_error_message`]'s. Otherwise the first node that fits, in the order given,
+/// is chosen: kube-scheduler would score the feasible nodes (resources, spreading, images),
+/// which this does not reproduce, so callers order `nodes` by preference. Taints other than
+/// the cordon, resources and pod (anti-)affinity are not checked here.
+pub fn choose_node<'a, O: StorageObjects + ?Sized>(
+    pod: &Pod,
+    nodes: &'a [Node],
+    objects: &'a O,
+) -> Result<Placement<'a>, ScheduleError> {
+    if nodes.is_empty() {
+        return Err(ScheduleError::Unschedulable(ERR_NO_NODES.to_owned()));
+    }
+    let claims = match pre_filter(pod, objects) {
+        Ok(c) => c,
+        Err(ScheduleError::Unschedulable(m)) => {
+            return Err(ScheduleError::Unschedulable(fit_error_message(
+                nodes.len(),
+                Some(&m),
+                [],
+            )));
+        }
+        Err(ScheduleError::Internal(m)) => {
+            return Err(ScheduleError::Internal(format!(
+                "running PreFilter plugin \"VolumeBinding\": {m}"
+            )));
+        }
+    };
+
+    let mut reasons: Vec<&'static str> = Vec::new();
+    let mut chosen: Option<Placement<'a>> = None;
+    for node in nodes {
+        if node_is_unschedulable_for(pod, node) {
+            reasons.push(ERR_NODE_UNSCHEDULABLE);
+            continue;
+        }
+        if !pod_node_affinity_matches(pod, node) {
+            reasons.push(ERR_NODE_AFFINITY);
+            continue;
+        }
+        match filter(&claims, node, objects) {
+            Ok(volumes) => {
+                if chosen.is_none() {
+                    chosen = Some(Placement { node, volumes });
+                }
+            }
+            Err(FilterError::Conflicts(rs)) => reasons.extend(rs.iter().map(|r| r.message())),
+            Err(FilterError::Internal(m)) => {
+                return Err(ScheduleError::Internal(format!(
+                    "running \"VolumeBinding\" filter plugin: {m}"
+                )));
+            }
+        }
+    }
+    chosen.ok_or_else(|| ScheduleError::Unschedulable(fit_error_message(nodes.len(), None, reasons)))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -1543,6 +1651,129 @@ mod tests {
             Some("uid-a")
         );
         assert_eq!(has_annotation(&v.metadata, ANN_BOUND_BY_CONTROLLER), annotated);
+    }
+
+    // --- Choosing a node ---------------------------------------------------------------------
+
+    #[rstest]
+    #[case::counts_sorted_as_strings(
+        5, None, vec![ERR_NODE_UNSCHEDULABLE, BindConflict.message(), ERR_NODE_UNSCHEDULABLE, NodeConflict.message(), BindConflict.message()],
+        "0/5 nodes are available: 1 node(s) had volume node affinity conflict, 2 node(s) didn't find available persistent volumes to bind, 2 node(s) were unschedulable."
+    )]
+    #[case::ten_sorts_before_two(
+        12, None, [vec!["b"; 10], vec!["a"; 2]].concat(),
+        "0/12 nodes are available: 10 b, 2 a."
+    )]
+    #[case::pre_filter_message(3, Some(ERR_UNBOUND_IMMEDIATE), vec![],
+        "0/3 nodes are available: pod has unbound immediate PersistentVolumeClaims.")]
+    #[case::no_reasons(1, None, vec![], "0/1 nodes are available:")]
+    fn fit_errors(#[case] n: usize, #[case] pre: Option<&str>, #[case] reasons: Vec<&str>, #[case] want: &str) {
+        assert_eq!(fit_error_message(n, pre, reasons), want);
+    }
+
+    fn cluster() -> Vec<Node> {
+        let mut cordoned = node("n0", json!({"kubernetes.io/hostname": "n0", "zone": "a"}));
+        cordoned.spec = Some(obj(json!({"unschedulable": true}), json!({})));
+        vec![
+            cordoned,
+            node("n1", json!({"kubernetes.io/hostname": "n1", "zone": "a"})),
+            node("n2", json!({"kubernetes.io/hostname": "n2", "zone": "a"})),
+            node("n3", json!({"kubernetes.io/hostname": "n3", "zone": "b"})),
+        ]
+    }
+
+    fn in_zone(p: Pod, zone: &str) -> Pod {
+        let mut p = p;
+        p.spec.as_mut().unwrap().node_selector = Some([("zone".to_owned(), zone.to_owned())].into());
+        p
+    }
+
+    #[rstest]
+    #[case::the_volume_picks_the_node(pod(&["a"]), vec![delayed("a", "1Gi")], vec![pv("pv-a", "1Gi", on_node("n2"))], Ok("n2"))]
+    #[case::first_fitting_node_in_order(pod(&["a"]), vec![wffc("a", "1Gi")], vec![], Ok("n1"))]
+    #[case::no_volumes_at_all(pod(&[]), vec![], vec![], Ok("n1"))]
+    #[case::node_selector_applies(in_zone(pod(&["a"]), "b"), vec![wffc("a", "1Gi")], vec![], Ok("n3"))]
+    #[case::volume_affinity_and_selector_disagree(in_zone(pod(&["a"]), "a"), vec![bound("a", "pv-a")], vec![pv("pv-a", "1Gi", on_node("n3"))],
+        Err(ScheduleError::Unschedulable("0/4 nodes are available: 1 node(s) didn't match Pod's node affinity/selector, \
+            1 node(s) were unschedulable, 2 node(s) had volume node affinity conflict.".to_owned())))]
+    #[case::no_volume_anywhere(pod(&["a"]), vec![delayed("a", "1Gi")], vec![pv("pv-a", "1Gi", on_node("n0"))],
+        Err(ScheduleError::Unschedulable("0/4 nodes are available: 1 node(s) were unschedulable, \
+            3 node(s) didn't find available persistent volumes to bind.".to_owned())))]
+    #[case::pre_filter_failure(pod(&["gone"]), vec![], vec![],
+        Err(ScheduleError::Unschedulable(r#"0/4 nodes are available: persistentvolumeclaim "gone" not found."#.to_owned())))]
+    #[case::immediate_claim(pod(&["a"]), vec![claim("a", "1Gi", json!({"spec": {"storageClassName": "now"}}))], vec![],
+        Err(ScheduleError::Unschedulable("0/4 nodes are available: pod has unbound immediate PersistentVolumeClaims.".to_owned())))]
+    fn choosing_a_node(
+        #[case] p: Pod,
+        #[case] claims: Vec<PersistentVolumeClaim>,
+        #[case] volumes: Vec<PersistentVolume>,
+        #[case] want: Result<&str, ScheduleError>,
+    ) {
+        let nodes = cluster();
+        let objects = snapshot(claims, volumes);
+        let got = choose_node(&p, &nodes, &objects).map(|pl| pl.node.metadata.name.as_deref().unwrap_or(""));
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn choose_node_returns_what_reserve_needs() {
+        let nodes = cluster();
+        let objects = snapshot(vec![delayed("a", "1Gi")], vec![pv("pv-a", "1Gi", on_node("n2"))]);
+        let placement = choose_node(&pod(&["a"]), &nodes, &objects).unwrap();
+        let writes = reserve(&placement.volumes, "n2");
+        assert_eq!(writes.volumes.len(), 1);
+        assert!(writes.claims.is_empty());
+    }
+
+    #[test]
+    fn a_pod_tolerating_the_cordon_may_use_a_cordoned_node() {
+        let nodes = cluster();
+        let objects = snapshot(vec![delayed("a", "1Gi")], vec![pv("pv-a", "1Gi", on_node("n0"))]);
+        let mut p = pod(&["a"]);
+        p.spec.as_mut().unwrap().tolerations = Some(vec![obj(
+            json!({"key": TAINT_NODE_UNSCHEDULABLE, "operator": "Exists"}),
+            json!({}),
+        )]);
+        let got = choose_node(&p, &nodes, &objects).unwrap();
+        assert_eq!(got.node.metadata.name.as_deref(), Some("n0"));
+    }
+
+    #[test]
+    fn no_nodes_at_all() {
+        assert_eq!(
+            choose_node(&pod(&["gone"]), &[], &Snapshot::default()),
+            Err(ScheduleError::Unschedulable(ERR_NO_NODES.to_owned()))
+        );
+    }
+
+    #[test]
+    fn internal_errors_name_the_plugin() {
+        let nodes = cluster();
+        let mut broken = class("wffc", "csi.berth.dev", "WaitForFirstConsumer", json!({}));
+        broken.volume_binding_mode = None;
+        let objects = Snapshot::default()
+            .with_claims([wffc("a", "1Gi")])
+            .with_classes([broken]);
+        assert_eq!(
+            choose_node(&pod(&["a"]), &nodes, &objects),
+            Err(ScheduleError::Internal(
+                r#"running PreFilter plugin "VolumeBinding": VolumeBindingMode not set for StorageClass "wffc""#
+                    .to_owned()
+            ))
+        );
+        // A Filter error ends the attempt.
+        let c = claim(
+            "a",
+            "1Gi",
+            json!({"spec": {"selector": {"matchExpressions": [{"key": "k", "operator": "Near"}]}}}),
+        );
+        let objects = snapshot(vec![c], vec![pv("pv", "1Gi", json!({}))]);
+        assert_eq!(
+            choose_node(&pod(&["a"]), &nodes, &objects),
+            Err(ScheduleError::Internal(
+                r#"running "VolumeBinding" filter plugin: error creating internal label selector for claim: default/a: "Near" is not a valid label selector operator"#.to_owned()
+            ))
+        );
     }
 
     #[test]
