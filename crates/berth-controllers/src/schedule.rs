@@ -907,7 +907,7 @@ pub struct Placement<'a> {
 }
 
 /// The scheduler's message when no node fits (its `FitError`): "0/N nodes are available:"
-/// then, for a PreFilter failure, " <message>."; otherwise each distinct reason prefixed with
+/// then, for a PreFilter failure, `" <message>."`; otherwise each distinct reason prefixed with
 /// the number of nodes that gave it, these strings sorted as strings (so "10 ..." sorts before
 /// "2 ...") and joined with ", ", then ".". `reasons` holds one entry per node per reason.
 pub fn fit_error_message<'r>(
@@ -935,7 +935,7 @@ pub fn fit_error_message<'r>(
 /// Where `pod` runs, among `nodes`, as far as cordons, node affinity and volumes decide.
 ///
 /// With no nodes the pod is unschedulable with "no nodes available to schedule pods". A
-/// [`pre_filter`] failure makes it unschedulable with "0/N nodes are available: <message>.".
+/// [`pre_filter`] failure makes it unschedulable with `"0/N nodes are available: <message>."`.
 /// Each node is then checked by the first failing of, in kube-scheduler's order:
 /// NodeUnschedulable ("node(s) were unschedulable", see [`node_is_unschedulable_for`]),
 /// NodeAffinity ("node(s) didn't match Pod's node affinity/selector", see
