@@ -1,6 +1,7 @@
 //! Which PersistentVolume a claim binds to: the rule of Kubernetes' `FindMatchingVolume`
 //! (`pkg/controller/volume/persistentvolume/index.go`), as the PV controller applies it (no node,
-//! no exclusion list). Pure: it reads the volumes it is given and changes nothing.
+//! no exclusion list: [`find_matching_volume`]) and as the scheduler applies it for one node
+//! ([`find_matching_volume_on_node`]). Pure: it reads the volumes it is given and changes nothing.
 //!
 //! The rule, in Kubernetes' order:
 //! - volumes are grouped by their set of access modes; only groups whose set contains the
@@ -18,10 +19,11 @@
 //!   the first seen).
 
 use std::cmp::Ordering;
+use std::collections::BTreeSet;
 
 use berth_api::quantity::Quantity;
 use berth_api::selector::{LabelSelector, SelectorError};
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
 
 /// The beta annotation that, when present, names the class instead of `storageClassName`.
 pub const BETA_STORAGE_CLASS: &str = "volume.beta.kubernetes.io/storage-class";
@@ -130,6 +132,93 @@ fn claim_name(claim: &PersistentVolumeClaim) -> String {
     )
 }
 
+/// What a claim asks of a volume, read once per search.
+struct Wants {
+    request: Quantity,
+    selector: Option<LabelSelector>,
+    modes: AccessModes,
+    volume_mode: String,
+    vac: String,
+    class: String,
+}
+
+impl Wants {
+    fn of(claim: &PersistentVolumeClaim) -> Result<Wants, MatchError> {
+        let spec = claim.spec.as_ref();
+        let request = spec
+            .and_then(|s| s.resources.as_ref())
+            .and_then(|r| r.requests.as_ref())
+            .and_then(|r| r.get("storage"))
+            .ok_or_else(|| MatchError::NoRequest(claim_name(claim)))?;
+        let request = Quantity::parse(&request.0).map_err(|_| MatchError::BadRequest {
+            claim: claim_name(claim),
+            value: request.0.clone(),
+        })?;
+        let selector = match spec.and_then(|s| s.selector.as_ref()) {
+            Some(sel) => {
+                let value = serde_json::to_value(sel).unwrap_or_default();
+                Some(
+                    LabelSelector::from_api(&value).map_err(|source| MatchError::BadSelector {
+                        claim: claim_name(claim),
+                        source,
+                    })?,
+                )
+            }
+            None => None,
+        };
+        Ok(Wants {
+            request,
+            selector,
+            modes: AccessModes::of(spec.and_then(|s| s.access_modes.as_deref()).unwrap_or(&[])),
+            volume_mode: spec
+                .and_then(|s| s.volume_mode.clone())
+                .unwrap_or_else(|| "Filesystem".to_owned()),
+            vac: spec
+                .and_then(|s| s.volume_attributes_class_name.clone())
+                .unwrap_or_default(),
+            class: claim_class(claim).to_owned(),
+        })
+    }
+
+    /// The filters every search applies before anything else (claimRef names another claim,
+    /// capacity below the request, volumeMode or VolumeAttributesClass differs, being deleted).
+    /// Returns the volume's capacity when it passes.
+    fn admits(&self, pv: &PersistentVolume, claim: &PersistentVolumeClaim) -> Option<Quantity> {
+        let pv_spec = pv.spec.as_ref()?;
+        if pv_spec.claim_ref.is_some() && !is_bound_to(pv, claim) {
+            return None;
+        }
+        let capacity = volume_capacity(pv)?;
+        if capacity < self.request {
+            return None;
+        }
+        if pv_spec.volume_mode.as_deref().unwrap_or("Filesystem") != self.volume_mode {
+            return None;
+        }
+        if pv_spec.volume_attributes_class_name.as_deref().unwrap_or("") != self.vac {
+            return None;
+        }
+        if pv.metadata.deletion_timestamp.is_some() {
+            return None;
+        }
+        Some(capacity)
+    }
+
+    /// The filters for a volume that is not pre-bound: Available, selector, class.
+    fn takes_unbound(&self, pv: &PersistentVolume) -> bool {
+        let phase = pv.status.as_ref().and_then(|s| s.phase.as_deref());
+        if phase != Some("Available") {
+            return false;
+        }
+        if let Some(sel) = &self.selector
+            && !sel.matches(&pv.metadata.labels.clone().unwrap_or_default())
+        {
+            return false;
+        }
+        volume_class(pv) == self.class
+    }
+}
+
 /// The volume `claim` binds to, among `volumes`, or `None`. `delay_binding` is true when the
 /// claim's class binds at the first consumer and no node has been selected yet.
 pub fn find_matching_volume<'a>(
@@ -137,40 +226,13 @@ pub fn find_matching_volume<'a>(
     volumes: &'a [PersistentVolume],
     delay_binding: bool,
 ) -> Result<Option<&'a PersistentVolume>, MatchError> {
-    let spec = claim.spec.as_ref();
-    let request = spec
-        .and_then(|s| s.resources.as_ref())
-        .and_then(|r| r.requests.as_ref())
-        .and_then(|r| r.get("storage"))
-        .ok_or_else(|| MatchError::NoRequest(claim_name(claim)))?;
-    let request = Quantity::parse(&request.0).map_err(|_| MatchError::BadRequest {
-        claim: claim_name(claim),
-        value: request.0.clone(),
-    })?;
-    let selector = match spec.and_then(|s| s.selector.as_ref()) {
-        Some(sel) => {
-            let value = serde_json::to_value(sel).unwrap_or_default();
-            Some(
-                LabelSelector::from_api(&value).map_err(|source| MatchError::BadSelector {
-                    claim: claim_name(claim),
-                    source,
-                })?,
-            )
-        }
-        None => None,
-    };
-    let wanted = AccessModes::of(spec.and_then(|s| s.access_modes.as_deref()).unwrap_or(&[]));
-    let claim_mode = spec.and_then(|s| s.volume_mode.as_deref()).unwrap_or("Filesystem");
-    let claim_vac = spec
-        .and_then(|s| s.volume_attributes_class_name.as_deref())
-        .unwrap_or("");
-    let class = claim_class(claim);
+    let wants = Wants::of(claim)?;
 
     // The groups to search, fewest modes first (then by set, so the order is stable).
     let mut groups: Vec<AccessModes> = volumes
         .iter()
         .map(volume_modes)
-        .filter(|m| m.contains(wanted))
+        .filter(|m| m.contains(wants.modes))
         .collect();
     groups.sort_by(|a, b| a.len().cmp(&b.len()).then(a.cmp(b)));
     groups.dedup();
@@ -178,40 +240,16 @@ pub fn find_matching_volume<'a>(
     for group in groups {
         let mut best: Option<(&PersistentVolume, Quantity)> = None;
         for pv in volumes.iter().filter(|pv| volume_modes(pv) == group) {
-            let Some(pv_spec) = pv.spec.as_ref() else { continue };
-            let pre_bound = is_bound_to(pv, claim);
-            if pv_spec.claim_ref.is_some() && !pre_bound {
+            let Some(capacity) = wants.admits(pv, claim) else {
                 continue;
-            }
-            let Some(capacity) = volume_capacity(pv) else { continue };
-            if capacity < request {
-                continue;
-            }
-            if pv_spec.volume_mode.as_deref().unwrap_or("Filesystem") != claim_mode {
-                continue;
-            }
-            if pv_spec.volume_attributes_class_name.as_deref().unwrap_or("") != claim_vac {
-                continue;
-            }
-            if pv.metadata.deletion_timestamp.is_some() {
-                continue;
-            }
-            if pre_bound {
+            };
+            if is_bound_to(pv, claim) {
                 return Ok(Some(pv));
             }
             if delay_binding {
                 continue;
             }
-            let phase = pv.status.as_ref().and_then(|s| s.phase.as_deref());
-            if phase != Some("Available") {
-                continue;
-            }
-            if let Some(sel) = &selector
-                && !sel.matches(&pv.metadata.labels.clone().unwrap_or_default())
-            {
-                continue;
-            }
-            if volume_class(pv) != class {
+            if !wants.takes_unbound(pv) {
                 continue;
             }
             if best.as_ref().is_none_or(|(_, c)| capacity.cmp(c) == Ordering::Less) {
@@ -223,6 +261,50 @@ pub fn find_matching_volume<'a>(
         }
     }
     Ok(None)
+}
+
+/// The volume `claim` binds to on `node`, as the scheduler's volume binding chooses it
+/// (Kubernetes' `FindMatchingVolume` with a node and an exclusion list), or `None`.
+///
+/// The scheduler hands over a flat list (the volumes of the claim's class), so there are no
+/// access-mode groups: among all volumes, the smallest that passes wins (ties: the first seen).
+/// A volume is skipped when its name is in `excluded` (already chosen for another claim of the
+/// same pod), then by the same filters as [`find_matching_volume`]. A volume pre-bound to this
+/// claim is returned at once if its node affinity admits `node`, and ends the search with no
+/// match if it does not. Unbound volumes are considered (the node is known now): they must be
+/// Available, match the selector and the class, have node affinity admitting `node` (labels
+/// only, see [`crate::schedule::pv_node_affinity_matches`]) and offer every access mode the
+/// claim asks for.
+pub fn find_matching_volume_on_node<'a>(
+    claim: &PersistentVolumeClaim,
+    volumes: impl IntoIterator<Item = &'a PersistentVolume>,
+    node: &Node,
+    excluded: &BTreeSet<String>,
+) -> Result<Option<&'a PersistentVolume>, MatchError> {
+    let wants = Wants::of(claim)?;
+    let mut best: Option<(&PersistentVolume, Quantity)> = None;
+    for pv in volumes {
+        if pv.metadata.name.as_ref().is_some_and(|n| excluded.contains(n)) {
+            continue;
+        }
+        let Some(capacity) = wants.admits(pv, claim) else {
+            continue;
+        };
+        let fits_node = crate::schedule::pv_node_affinity_matches(pv, node);
+        if is_bound_to(pv, claim) {
+            return Ok(fits_node.then_some(pv));
+        }
+        if !wants.takes_unbound(pv) || !fits_node {
+            continue;
+        }
+        if !volume_modes(pv).contains(wants.modes) {
+            continue;
+        }
+        if best.as_ref().is_none_or(|(_, c)| capacity.cmp(c) == Ordering::Less) {
+            best = Some((pv, capacity));
+        }
+    }
+    Ok(best.map(|(pv, _)| pv))
 }
 
 #[cfg(test)]
@@ -373,5 +455,62 @@ mod tests {
             find_matching_volume(&c, &pvs, false),
             Err(MatchError::BadRequest { .. })
         ));
+    }
+
+    fn node(host: &str) -> Node {
+        serde_json::from_value(json!({"metadata": {"name": host, "labels": {"kubernetes.io/hostname": host}}})).unwrap()
+    }
+
+    fn on(host: &str) -> serde_json::Value {
+        json!({"spec": {"nodeAffinity": {"required": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": [host]}]}
+        ]}}}})
+    }
+
+    fn pick_on(c: &PersistentVolumeClaim, pvs: &[PersistentVolume], host: &str, excluded: &[&str]) -> Option<String> {
+        let excluded: BTreeSet<String> = excluded.iter().map(|s| s.to_string()).collect();
+        find_matching_volume_on_node(c, pvs, &node(host), &excluded)
+            .unwrap()
+            .and_then(|p| p.metadata.name.clone())
+    }
+
+    const RWX: &[&str] = &["ReadWriteOnce", "ReadWriteMany"];
+
+    #[rstest]
+    #[case::unbound_volumes_are_considered(vec![pv("free", "5Gi", RWO, json!({}))], &[], Some("free"))]
+    #[case::node_affinity_admits(vec![pv("here", "5Gi", RWO, on("n1"))], &[], Some("here"))]
+    #[case::node_affinity_excludes(vec![pv("there", "5Gi", RWO, on("n2"))], &[], None)]
+    #[case::the_node_decides_between_volumes(vec![pv("there", "1Gi", RWO, on("n2")), pv("here", "9Gi", RWO, on("n1"))], &[], Some("here"))]
+    #[case::excluded_volumes_are_skipped(vec![pv("a", "1Gi", RWO, json!({})), pv("b", "2Gi", RWO, json!({}))], &["a"], Some("b"))]
+    #[case::no_access_mode_groups_smallest_wins(vec![pv("rwo-big", "100Gi", RWO, json!({})), pv("rwx-small", "1Gi", RWX, json!({}))], &[], Some("rwx-small"))]
+    #[case::every_claimed_mode_is_needed(vec![pv("rox", "5Gi", &["ReadOnlyMany"], json!({}))], &[], None)]
+    #[case::still_must_be_available(vec![pv("rel", "5Gi", RWO, json!({"status": {"phase": "Released"}}))], &[], None)]
+    #[case::still_same_class(vec![pv("fast", "5Gi", RWO, json!({"spec": {"storageClassName": "fast"}}))], &[], None)]
+    #[case::still_big_enough(vec![pv("small", "512Mi", RWO, json!({}))], &[], None)]
+    #[case::still_not_bound_elsewhere(vec![pv("other", "5Gi", RWO, json!({"spec": {"claimRef": {"namespace": "default", "name": "other"}}}))], &[], None)]
+    #[case::match_fields_in_volume_affinity_are_ignored(vec![pv("f", "5Gi", RWO, json!({"spec": {"nodeAffinity": {"required": {"nodeSelectorTerms": [
+        {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n2"]}]}]}}}}))], &[], Some("f"))]
+    fn matching_on_a_node(#[case] pvs: Vec<PersistentVolume>, #[case] excluded: &[&str], #[case] want: Option<&str>) {
+        let c = claim("1Gi", RWO, json!({}));
+        assert_eq!(pick_on(&c, &pvs, "n1", excluded).as_deref(), want);
+    }
+
+    #[test]
+    fn a_pre_bound_volume_decides_the_node() {
+        let mine = json!({"spec": {"claimRef": {"namespace": "default", "name": "data"}}});
+        let mut elsewhere = on("n2");
+        merge(&mut elsewhere, mine.clone());
+        // Pre-bound to this claim but on another node: no match at all, even though a free
+        // volume would fit.
+        let pvs = vec![pv("mine", "5Gi", RWO, elsewhere), pv("free", "1Gi", RWO, json!({}))];
+        let c = claim("1Gi", RWO, json!({}));
+        assert_eq!(pick_on(&c, &pvs, "n1", &[]), None);
+        // On its node it is taken, whatever the phase.
+        assert_eq!(pick_on(&c, &pvs, "n2", &[]).as_deref(), Some("mine"));
+        let mut here = on("n1");
+        merge(&mut here, mine);
+        merge(&mut here, json!({"status": {"phase": "Bound"}}));
+        let pvs = vec![pv("free", "1Gi", RWO, json!({})), pv("mine", "5Gi", RWO, here)];
+        assert_eq!(pick_on(&c, &pvs, "n1", &[]).as_deref(), Some("mine"));
     }
 }

@@ -5,7 +5,9 @@
 //! that manifests written for Kubernetes mean the same thing here.
 //!
 //! Pure decisions: [`binder`] (the matching rule), [`index`] (the same rule at O(log n)),
-//! [`pv_sync`] (claim and volume phases, binding, reclaim), [`protection`] (finalizers).
+//! [`pv_sync`] (claim and volume phases, binding, reclaim), [`protection`] (finalizers),
+//! [`schedule`] (the scheduler's volume binding), [`provision`] (CreateVolume requests and
+//! the PVs they make), [`attach`] (VolumeAttachment names).
 //! Runners: [`pv_controller`], [`protection`], over [`informer`]s and [`queue`]s, writing
 //! through [`api::Api`] and recording [`events`].
 
@@ -24,6 +26,7 @@ pub mod protection;
 pub mod pv_controller;
 pub mod pv_sync;
 pub mod queue;
+pub mod schedule;
 
 use api::{Api, kinds};
 use informer::Informer;
