@@ -4,7 +4,7 @@
 //! scheduler's volume binding, the external provisioner, attacher, resizer and snapshotter), so
 //! that manifests written for Kubernetes mean the same thing here.
 //!
-//! So far: the binder's matching rule ([`binder`]), the provisioner's CreateVolume request
+//! So far: the binder's matching rule ([`binder`]), the provisioner's CreateVolume request and PV
 //! ([`provision`]) and the VolumeAttachment name ([`attach`]).
 
 pub mod attach;

@@ -1,6 +1,7 @@
-//! Dynamic provisioning through any CSI driver: what to ask the driver for. The rules are
-//! kubernetes-csi external-provisioner's (`pkg/controller/controller.go`), so that a
-//! StorageClass written for Kubernetes provisions the same volume here.
+//! Dynamic provisioning through any CSI driver: what to ask the driver for and what to make of
+//! its answer. The rules are kubernetes-csi external-provisioner's
+//! (`pkg/controller/controller.go`, with sig-storage-lib-external-provisioner around it), so that
+//! a StorageClass written for Kubernetes provisions the same volume here.
 //!
 //! Pure: every function reads the objects it is shown and returns a request, an object or an
 //! error. Reading Secrets, listing nodes and calling the driver are the runner's. Given the same
@@ -8,18 +9,26 @@
 //! repeated after a crash or a timeout is the idempotent retry the CSI spec asks for.
 //!
 //! - [`create_volume_request`] makes the CreateVolume request for a claim and its class;
+//! - [`persistent_volume`] makes the PersistentVolume from the driver's answer;
 //! - [`resolve_secret_ref`] names the Secret a class asks for, per CSI call.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
-use berth_api::quantity::Quantity;
+use berth_api::quantity::{Format, Quantity};
 use berth_csi::v1::volume_capability::access_mode::Mode;
 use berth_csi::v1::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use berth_csi::v1::volume_content_source::{SnapshotSource, Type as SourceType, VolumeSource};
-use berth_csi::v1::{CapacityRange, CreateVolumeRequest, VolumeCapability, VolumeContentSource};
-use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, SecretReference};
+use berth_csi::v1::{CapacityRange, CreateVolumeRequest, CreateVolumeResponse, VolumeCapability, VolumeContentSource};
+use k8s_openapi::api::core::v1::{
+    CSIPersistentVolumeSource, Node, ObjectReference, PersistentVolume, PersistentVolumeClaim, PersistentVolumeSpec,
+    SecretReference,
+};
 use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity as ApiQuantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use crate::binder::claim_class;
 
 mod secrets;
 mod topology;
@@ -350,6 +359,7 @@ fn driver_parameters(class: &StorageClass) -> Result<HashMap<String, String>, Pr
 /// What both the request and the PV need, checked in external-provisioner's order.
 struct Prepared {
     name: String,
+    fs_type: String,
     required_bytes: i64,
     capabilities: Vec<VolumeCapability>,
 }
@@ -367,6 +377,7 @@ fn prepare(input: &ProvisionInput<'_>) -> Result<Prepared, ProvisionError> {
     let capabilities = volume_capabilities(input, &fs_type)?;
     Ok(Prepared {
         name,
+        fs_type,
         required_bytes,
         capabilities,
     })
@@ -437,6 +448,119 @@ pub fn create_volume_request(input: &ProvisionInput<'_>) -> Result<CreateVolumeR
         volume_content_source,
         accessibility_requirements,
         mutable_parameters: HashMap::new(),
+    })
+}
+
+/// The PersistentVolume for a volume the driver created for `input` (external-provisioner's
+/// `Provision` after CreateVolume, and the library's `provisionClaimOperation`):
+/// - name `pvc-<claim UID>`; access modes and volumeMode from the claim; mount options from the
+///   class; reclaim policy from the class (Delete when unset, as class defaulting sets it);
+/// - capacity: the driver's, or the request when the driver says 0 (unknown); a volume smaller
+///   than the request is an error, and the caller deletes it and retries in the background;
+/// - a claim with a data source needs the driver to report a content source, likewise;
+/// - `spec.csi`: the driver, the volume handle, the volume context as attributes (plus the
+///   provisioner identity), the filesystem unless Block, read-only for a ReadOnlyMany-only claim
+///   when configured, and the class's controller-publish, node-stage, node-publish,
+///   controller-expand and node-expand secret references;
+/// - node affinity from the volume's accessible topology, when the driver has topology;
+/// - `claimRef` to the claim (kind, apiVersion, namespace, name, UID, resourceVersion) so the
+///   binder binds it to this claim only; the claim's class;
+/// - annotations: provisioned-by the class's provisioner, and the provisioner secret (empty
+///   when none) and controller-modify secret for later calls that outlive the claim;
+/// - the provisioner finalizer when the policy is Delete (external-provisioner adds it on
+///   creation and removes it at the next sync for Retain and Recycle; this is that settled state).
+pub fn persistent_volume(
+    input: &ProvisionInput<'_>,
+    response: &CreateVolumeResponse,
+) -> Result<PersistentVolume, ProvisionError> {
+    let prepared = prepare(input)?;
+    let volume = response.volume.as_ref().ok_or(ProvisionError::NoVolume)?;
+    let capacity = match volume.capacity_bytes {
+        0 => prepared.required_bytes,
+        c if c < prepared.required_bytes => {
+            return Err(ProvisionError::CapacityTooSmall {
+                created: c,
+                requested: prepared.required_bytes,
+            });
+        }
+        c => c,
+    };
+    if input.content_source.is_some() && volume.content_source.is_none() {
+        return Err(ProvisionError::ContentSourceMissing);
+    }
+    let mut refs = secret_refs(input, &prepared.name)?;
+    let claim = input.claim;
+    let class = input.class;
+
+    let mut attributes = BTreeMap::new();
+    if !input.config.identity.is_empty() {
+        attributes.insert(PROVISIONER_IDENTITY_KEY.to_owned(), input.config.identity.clone());
+    }
+    attributes.extend(volume.volume_context.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let read_only = input.config.controller_publish_read_only
+        && matches!(prepared.capabilities.as_slice(),
+            [only] if only.access_mode.as_ref().map(|m| m.mode) == Some(Mode::MultiNodeReaderOnly.into()));
+    let block = claim_is_block(claim);
+
+    let reclaim = class.reclaim_policy.clone().unwrap_or_else(|| "Delete".to_owned());
+    let mut annotations = BTreeMap::from([(PROVISIONED_BY.to_owned(), class.provisioner.clone())]);
+    let deletion = refs.get(&SecretKind::Provisioner).cloned().unwrap_or_default();
+    annotations.insert(DELETION_SECRET_NAME.to_owned(), deletion.name.unwrap_or_default());
+    annotations.insert(
+        DELETION_SECRET_NAMESPACE.to_owned(),
+        deletion.namespace.unwrap_or_default(),
+    );
+    if let Some(modify) = refs.get(&SecretKind::ControllerModify) {
+        annotations.insert(MODIFY_SECRET_NAME.to_owned(), modify.name.clone().unwrap_or_default());
+        annotations.insert(
+            MODIFY_SECRET_NAMESPACE.to_owned(),
+            modify.namespace.clone().unwrap_or_default(),
+        );
+    }
+    let class_name = claim_class(claim);
+
+    Ok(PersistentVolume {
+        metadata: ObjectMeta {
+            name: Some(prepared.name),
+            annotations: Some(annotations),
+            finalizers: (reclaim == "Delete").then(|| vec![PV_FINALIZER.to_owned()]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PersistentVolumeSpec {
+            access_modes: Some(claim_modes(claim).to_vec()),
+            mount_options: class.mount_options.clone(),
+            capacity: Some(BTreeMap::from([(
+                "storage".to_owned(),
+                ApiQuantity(Quantity::from_units(capacity, Format::BinarySI).canonical()),
+            )])),
+            csi: Some(CSIPersistentVolumeSource {
+                driver: input.config.driver.clone(),
+                volume_handle: volume.volume_id.clone(),
+                volume_attributes: Some(attributes),
+                fs_type: (!block && !prepared.fs_type.is_empty()).then_some(prepared.fs_type),
+                read_only: read_only.then_some(true),
+                controller_publish_secret_ref: refs.remove(&SecretKind::ControllerPublish),
+                node_stage_secret_ref: refs.remove(&SecretKind::NodeStage),
+                node_publish_secret_ref: refs.remove(&SecretKind::NodePublish),
+                controller_expand_secret_ref: refs.remove(&SecretKind::ControllerExpand),
+                node_expand_secret_ref: refs.remove(&SecretKind::NodeExpand),
+            }),
+            persistent_volume_reclaim_policy: Some(reclaim),
+            node_affinity: input.topology.and_then(|_| node_affinity(&volume.accessible_topology)),
+            volume_mode: claim.spec.as_ref().and_then(|s| s.volume_mode.clone()),
+            claim_ref: Some(ObjectReference {
+                api_version: Some("v1".to_owned()),
+                kind: Some("PersistentVolumeClaim".to_owned()),
+                namespace: claim.metadata.namespace.clone(),
+                name: claim.metadata.name.clone(),
+                uid: claim.metadata.uid.clone(),
+                resource_version: claim.metadata.resource_version.clone(),
+                field_path: None,
+            }),
+            storage_class_name: (!class_name.is_empty()).then(|| class_name.to_owned()),
+            ..PersistentVolumeSpec::default()
+        }),
+        status: None,
     })
 }
 
@@ -598,7 +722,7 @@ mod fixtures {
 mod tests {
     use super::fixtures::*;
     use super::*;
-    use berth_csi::v1::Topology;
+    use berth_csi::v1::{Topology, Volume};
     use rstest::rstest;
     use serde_json::json;
 
@@ -859,5 +983,217 @@ mod tests {
         // No topology capability: no requirements, whatever the nodes say.
         let f = Fixture { keys: None, ..f };
         assert_eq!(request(&f).unwrap().accessibility_requirements, None);
+    }
+
+    fn response(capacity: i64, extra: impl FnOnce(&mut Volume)) -> CreateVolumeResponse {
+        let mut volume = Volume {
+            capacity_bytes: capacity,
+            volume_id: "vol-1".to_owned(),
+            volume_context: HashMap::from([("pool".to_owned(), "fast".to_owned())]),
+            ..Volume::default()
+        };
+        extra(&mut volume);
+        CreateVolumeResponse { volume: Some(volume) }
+    }
+
+    fn pv_json(f: &Fixture, resp: &CreateVolumeResponse) -> serde_json::Value {
+        serde_json::to_value(persistent_volume(&f.input(), resp).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn the_plain_volume() {
+        let f = Fixture::default().class(json!({"mountOptions": ["noatime"], "parameters": {FSTYPE_KEY: "ext4"}}));
+        assert_eq!(
+            pv_json(&f, &response(2 << 30, |_| {})),
+            json!({
+                "apiVersion": "v1",
+                "kind": "PersistentVolume",
+                "metadata": {
+                    "name": "pvc-u-1",
+                    "annotations": {
+                        PROVISIONED_BY: DRIVER,
+                        DELETION_SECRET_NAME: "",
+                        DELETION_SECRET_NAMESPACE: "",
+                    },
+                    "finalizers": [PV_FINALIZER],
+                },
+                "spec": {
+                    "accessModes": ["ReadWriteOnce"],
+                    "capacity": {"storage": "2Gi"},
+                    "claimRef": {
+                        "apiVersion": "v1",
+                        "kind": "PersistentVolumeClaim",
+                        "namespace": "default",
+                        "name": "data",
+                        "uid": "u-1",
+                        "resourceVersion": "7",
+                    },
+                    "csi": {
+                        "driver": DRIVER,
+                        "volumeHandle": "vol-1",
+                        "volumeAttributes": {"pool": "fast"},
+                        "fsType": "ext4",
+                    },
+                    "mountOptions": ["noatime"],
+                    "persistentVolumeReclaimPolicy": "Delete",
+                    "storageClassName": "fast",
+                },
+            })
+        );
+    }
+
+    #[rstest]
+    #[case::driver_capacity(2 << 30, Ok("2Gi"))]
+    #[case::exact_request(1 << 30, Ok("1Gi"))]
+    #[case::zero_is_the_request(0, Ok("1Gi"))]
+    #[case::odd_bytes(1_073_741_825, Ok("1073741825"))]
+    #[case::below_request(512 << 20, Err("created volume capacity 536870912 less than requested capacity 1073741824"))]
+    fn capacity(#[case] bytes: i64, #[case] want: Result<&str, &str>) {
+        let f = Fixture::default();
+        let got = persistent_volume(&f.input(), &response(bytes, |_| {}))
+            .map(|pv| pv.spec.unwrap().capacity.unwrap()["storage"].0.clone())
+            .map_err(|e| e.to_string());
+        assert_eq!(got, want.map(str::to_owned).map_err(str::to_owned));
+    }
+
+    #[rstest]
+    #[case::delete_keeps_the_finalizer(json!({}), "Delete", Some(vec![PV_FINALIZER]))]
+    #[case::unset_is_delete(json!({"reclaimPolicy": null}), "Delete", Some(vec![PV_FINALIZER]))]
+    #[case::retain_has_none(json!({"reclaimPolicy": "Retain"}), "Retain", None)]
+    fn reclaim_policy(#[case] class: serde_json::Value, #[case] policy: &str, #[case] finalizers: Option<Vec<&str>>) {
+        let f = Fixture::default().class(class);
+        let pv = persistent_volume(&f.input(), &response(0, |_| {})).unwrap();
+        assert_eq!(
+            pv.spec.unwrap().persistent_volume_reclaim_policy.as_deref(),
+            Some(policy)
+        );
+        assert_eq!(
+            pv.metadata.finalizers,
+            finalizers.map(|v| v.into_iter().map(str::to_owned).collect())
+        );
+    }
+
+    #[test]
+    fn block_volume_has_no_filesystem() {
+        let f = Fixture::default()
+            .claim(json!({"spec": {"volumeMode": "Block"}}))
+            .class(json!({"parameters": {FSTYPE_KEY: "xfs"}}));
+        let pv = pv_json(&f, &response(0, |_| {}));
+        assert_eq!(pv["spec"]["volumeMode"], "Block");
+        assert_eq!(pv["spec"]["csi"].get("fsType"), None);
+    }
+
+    #[test]
+    fn secret_references_go_into_the_volume() {
+        let f = Fixture::default().class(json!({"parameters": {
+            "csi.storage.k8s.io/provisioner-secret-name": "${pvc.name}-prov",
+            "csi.storage.k8s.io/provisioner-secret-namespace": "${pvc.namespace}",
+            "csi.storage.k8s.io/secret-name": "shared",
+            "csi.storage.k8s.io/secret-namespace": "kube-system",
+            "csi.storage.k8s.io/node-stage-secret-name": "${pv.name}",
+            "csi.storage.k8s.io/node-stage-secret-namespace": "stage",
+            "csi.storage.k8s.io/controller-modify-secret-name": "mod",
+            "csi.storage.k8s.io/controller-modify-secret-namespace": "kube-system",
+        }}));
+        let pv = pv_json(&f, &response(0, |_| {}));
+        let shared = json!({"name": "shared", "namespace": "kube-system"});
+        assert_eq!(
+            pv["spec"]["csi"],
+            json!({
+                "driver": DRIVER,
+                "volumeHandle": "vol-1",
+                "volumeAttributes": {"pool": "fast"},
+                "controllerPublishSecretRef": shared,
+                "nodeStageSecretRef": {"name": "pvc-u-1", "namespace": "stage"},
+                "nodePublishSecretRef": shared,
+                "controllerExpandSecretRef": shared,
+                "nodeExpandSecretRef": shared,
+            })
+        );
+        let ann = &pv["metadata"]["annotations"];
+        assert_eq!(ann[DELETION_SECRET_NAME], "data-prov");
+        assert_eq!(ann[DELETION_SECRET_NAMESPACE], "default");
+        assert_eq!(ann[MODIFY_SECRET_NAME], "mod");
+        assert_eq!(ann[MODIFY_SECRET_NAMESPACE], "kube-system");
+    }
+
+    #[test]
+    fn identity_read_only_and_volume_context() {
+        let f = Fixture::default()
+            .config(|c| {
+                c.identity = "1700000000000-1234-berth.csi.io".to_owned();
+                c.controller_publish_read_only = true;
+            })
+            .claim(json!({"spec": {"accessModes": ["ReadOnlyMany"]}}));
+        let pv = pv_json(&f, &response(0, |_| {}));
+        assert_eq!(
+            pv["spec"]["csi"]["volumeAttributes"],
+            json!({PROVISIONER_IDENTITY_KEY: "1700000000000-1234-berth.csi.io", "pool": "fast"})
+        );
+        assert_eq!(pv["spec"]["csi"]["readOnly"], true);
+        assert_eq!(pv["spec"]["accessModes"], json!(["ReadOnlyMany"]));
+        // Read-only only for a ReadOnlyMany-only claim.
+        let f = f.claim(json!({"spec": {"accessModes": ["ReadOnlyMany", "ReadWriteMany"]}}));
+        assert_eq!(pv_json(&f, &response(0, |_| {}))["spec"]["csi"].get("readOnly"), None);
+    }
+
+    #[test]
+    fn node_affinity_follows_the_accessible_topology() {
+        let accessible = |v: &mut Volume| {
+            v.accessible_topology = vec![Topology {
+                segments: HashMap::from([("zone".to_owned(), "b".to_owned())]),
+            }];
+        };
+        let f = Fixture {
+            keys: Some(vec!["zone".to_owned()]),
+            ..Fixture::default()
+        };
+        let pv = pv_json(&f, &response(0, accessible));
+        assert_eq!(
+            pv["spec"]["nodeAffinity"],
+            json!({"required": {"nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "In", "values": ["b"]}]}]}})
+        );
+        // A driver without topology gets no affinity even if it reports some.
+        let f = Fixture { keys: None, ..f };
+        assert_eq!(pv_json(&f, &response(0, accessible))["spec"].get("nodeAffinity"), None);
+    }
+
+    #[test]
+    fn beta_class_annotation_names_the_class() {
+        let f = Fixture::default().claim(json!({
+            "metadata": {"annotations": {"volume.beta.kubernetes.io/storage-class": "gold"}},
+        }));
+        assert_eq!(pv_json(&f, &response(0, |_| {}))["spec"]["storageClassName"], "gold");
+    }
+
+    #[rstest]
+    #[case::no_volume(CreateVolumeResponse { volume: None }, None, "CreateVolume response has no volume")]
+    #[case::content_source_missing(response(0, |_| {}), Some(ContentSource::Volume("src".to_owned())), "volume content source missing")]
+    fn unusable_responses(
+        #[case] resp: CreateVolumeResponse,
+        #[case] source: Option<ContentSource>,
+        #[case] want: &str,
+    ) {
+        let f = Fixture {
+            source,
+            ..Fixture::default()
+        };
+        assert_eq!(persistent_volume(&f.input(), &resp).unwrap_err().to_string(), want);
+    }
+
+    #[test]
+    fn content_source_reported() {
+        let f = Fixture {
+            source: Some(ContentSource::Volume("src".to_owned())),
+            ..Fixture::default()
+        };
+        let resp = response(0, |v| {
+            v.content_source = Some(VolumeContentSource {
+                r#type: Some(SourceType::Volume(VolumeSource {
+                    volume_id: "src".to_owned(),
+                })),
+            });
+        });
+        assert!(persistent_volume(&f.input(), &resp).is_ok());
     }
 }
