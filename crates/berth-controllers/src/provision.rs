@@ -1,5 +1,5 @@
-//! Dynamic provisioning through any CSI driver: what to ask the driver for and what to make of
-//! its answer. The rules are kubernetes-csi external-provisioner's
+//! Dynamic provisioning through any CSI driver: what to ask the driver for, what to make of its
+//! answer, and how to retry when it fails. The rules are kubernetes-csi external-provisioner's
 //! (`pkg/controller/controller.go`, with sig-storage-lib-external-provisioner around it), so that
 //! a StorageClass written for Kubernetes provisions the same volume here.
 //!
@@ -10,6 +10,7 @@
 //!
 //! - [`create_volume_request`] makes the CreateVolume request for a claim and its class;
 //! - [`persistent_volume`] makes the PersistentVolume from the driver's answer;
+//! - [`classify`] says how to retry a failed CreateVolume;
 //! - [`resolve_secret_ref`] names the Secret a class asks for, per CSI call.
 
 use std::collections::{BTreeMap, HashMap};
@@ -562,6 +563,39 @@ pub fn persistent_volume(
         }),
         status: None,
     })
+}
+
+/// What to do after CreateVolume failed, by its gRPC status code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// The driver could not place the volume where the scheduler chose: remove the claim's
+    /// `volume.kubernetes.io/selected-node` so the scheduler picks again.
+    Reschedule,
+    /// CreateVolume may still be running in the driver: keep calling it with the same request
+    /// (it is idempotent by name) until it answers for good, even if the claim changes.
+    Background,
+    /// Provisioning failed and is not in progress: report ProvisioningFailed and retry with the
+    /// usual backoff.
+    Final,
+    /// The driver refused the request itself (InvalidArgument): report it and retry slowly, as a
+    /// retry can only succeed once the claim or class is changed.
+    Infeasible,
+}
+
+/// How to retry a failed CreateVolume (external-provisioner's `checkError`, and the library's
+/// infeasible rule for InvalidArgument). `may_reschedule` is true when the claim has a selected
+/// node and the driver has topology, the only case where another node could help: then
+/// ResourceExhausted reschedules; otherwise it is final. Canceled, DeadlineExceeded, Unavailable
+/// and Aborted leave the call possibly in progress. A failure with no gRPC status at all (the
+/// call never reached the driver) is [`Retry::Background`] too; the caller decides that.
+pub fn classify(code: tonic::Code, may_reschedule: bool) -> Retry {
+    use tonic::Code;
+    match code {
+        Code::ResourceExhausted if may_reschedule => Retry::Reschedule,
+        Code::Cancelled | Code::DeadlineExceeded | Code::Unavailable | Code::Aborted => Retry::Background,
+        Code::InvalidArgument => Retry::Infeasible,
+        _ => Retry::Final,
+    }
 }
 
 /// Go's `%q` of a string list, `["a" "b"]`.
@@ -1195,5 +1229,21 @@ mod tests {
             });
         });
         assert!(persistent_volume(&f.input(), &resp).is_ok());
+    }
+
+    #[rstest]
+    #[case::exhausted_on_selected_node(tonic::Code::ResourceExhausted, true, Retry::Reschedule)]
+    #[case::exhausted_without_selected_node(tonic::Code::ResourceExhausted, false, Retry::Final)]
+    #[case::cancelled(tonic::Code::Cancelled, true, Retry::Background)]
+    #[case::deadline(tonic::Code::DeadlineExceeded, false, Retry::Background)]
+    #[case::unavailable(tonic::Code::Unavailable, false, Retry::Background)]
+    #[case::aborted(tonic::Code::Aborted, true, Retry::Background)]
+    #[case::invalid_argument(tonic::Code::InvalidArgument, true, Retry::Infeasible)]
+    #[case::internal(tonic::Code::Internal, false, Retry::Final)]
+    #[case::not_found(tonic::Code::NotFound, true, Retry::Final)]
+    #[case::unimplemented(tonic::Code::Unimplemented, false, Retry::Final)]
+    #[case::out_of_range(tonic::Code::OutOfRange, false, Retry::Final)]
+    fn retry_classification(#[case] code: tonic::Code, #[case] may_reschedule: bool, #[case] want: Retry) {
+        assert_eq!(classify(code, may_reschedule), want);
     }
 }
