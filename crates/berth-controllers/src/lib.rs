@@ -4,8 +4,9 @@
 //! scheduler's volume binding, the external provisioner, attacher, resizer and snapshotter), so
 //! that manifests written for Kubernetes mean the same thing here.
 //!
-//! So far: the binder's matching rule ([`binder`]), the provisioner's CreateVolume request and PV
-//! ([`provision`]) and the VolumeAttachment name ([`attach`]).
+//! So far: the binder's matching rule ([`binder`]); the provisioner's CreateVolume request, PV,
+//! retry classification and data-source checks ([`provision`]); and the VolumeAttachment name
+//! ([`attach`]).
 
 pub mod attach;
 pub mod binder;

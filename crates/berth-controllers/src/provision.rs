@@ -11,7 +11,8 @@
 //! - [`create_volume_request`] makes the CreateVolume request for a claim and its class;
 //! - [`persistent_volume`] makes the PersistentVolume from the driver's answer;
 //! - [`classify`] says how to retry a failed CreateVolume;
-//! - [`resolve_secret_ref`] names the Secret a class asks for, per CSI call.
+//! - [`resolve_secret_ref`] names the Secret a class asks for, per CSI call;
+//! - [`check_clone_source`] and [`check_snapshot_source`] vet a claim's data source.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -32,9 +33,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use crate::binder::claim_class;
 
 mod secrets;
+mod source;
 mod topology;
 
 pub use secrets::{ParamsProblem, SecretError, SecretKind, resolve_secret_ref};
+pub use source::{DataSourceError, check_clone_source, check_snapshot_source};
 pub use topology::{
     ClusterTopology, Segments, Term, TopologyError, accessibility_requirements, flatten, node_affinity, node_segment,
 };
@@ -210,6 +213,10 @@ pub enum ProvisionError {
     /// and retry in the background.
     #[error("volume content source missing")]
     ContentSourceMissing,
+    /// A data source that cannot be used; see [`check_clone_source`] and
+    /// [`check_snapshot_source`].
+    #[error(transparent)]
+    DataSource(#[from] DataSourceError),
 }
 
 /// Access modes CSI cannot express; the messages are csi-lib-utils'.
