@@ -18,12 +18,14 @@ use k8s_openapi::api::storage::v1::{CSIDriver, CSINode, CSIStorageCapacity, Stor
 use tokio::sync::watch;
 
 pub mod api;
+pub mod attach;
 pub mod binder;
 pub mod events;
 pub mod index;
 pub mod informer;
 pub mod protection;
 pub mod pv_controller;
+pub mod provision;
 pub mod pv_sync;
 pub mod queue;
 pub mod schedule;
