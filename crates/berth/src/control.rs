@@ -9,6 +9,7 @@ use berth_apiserver::decode::DeleteOptions;
 use berth_apiserver::error::ApiError as ServerError;
 use berth_apiserver::objects::{ListRequest, Objects, prefix, stamped};
 use berth_controllers::api::{Api, ApiError, Event, EventStream, Part};
+use berth_controllers::drivers::{Driver, Drivers};
 use berth_store::{StoreError, WatchEvent};
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
@@ -137,9 +138,43 @@ impl Api for LocalApi {
 /// How many workers each queue runs: enough parallel writes for the store's group commit.
 pub const WORKERS: usize = 64;
 
-/// Starts the controllers over `objects`; they stop when `stop` turns true.
-pub fn start(objects: Objects, stop: watch::Receiver<bool>) {
+/// Connects to each CSI driver endpoint (retrying until it answers: the built-in driver starts
+/// alongside) and registers it under the name it reports.
+fn connect_drivers(endpoints: Vec<String>, stop: watch::Receiver<bool>) -> Arc<Drivers> {
+    let drivers = Drivers::new();
+    for endpoint in endpoints {
+        let drivers = drivers.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut delay = std::time::Duration::from_millis(20);
+            loop {
+                match Driver::connect(&endpoint).await {
+                    Ok(d) => {
+                        tracing::info!(driver = %d.name, %endpoint, "CSI driver registered for the controllers");
+                        drivers.add(d);
+                        return;
+                    }
+                    Err(e) if delay >= std::time::Duration::from_secs(5) => {
+                        tracing::warn!(%endpoint, error = %e, "CSI driver not answering yet");
+                    }
+                    Err(_) => {}
+                }
+                if *stop.borrow() {
+                    return;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(10));
+            }
+        });
+    }
+    drivers
+}
+
+/// Starts the controllers over `objects`, calling the CSI drivers at `endpoints`; they stop
+/// when `stop` turns true.
+pub fn start(objects: Objects, endpoints: Vec<String>, stop: watch::Receiver<bool>) {
     let api: Arc<dyn Api> = Arc::new(LocalApi { objects });
+    let _drivers = connect_drivers(endpoints, stop.clone());
     let inf = berth_controllers::Informers::new();
     let events = berth_controllers::events::start(api.clone());
     let pv = berth_controllers::pv_controller::PvController::new(api.clone(), inf.clone(), &events);

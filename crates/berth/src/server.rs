@@ -46,6 +46,11 @@ pub struct ServerArgs {
     /// storage roles only, for measuring the API server alone.
     #[arg(long)]
     pub no_controllers: bool,
+    /// Another CSI driver's endpoint (`unix:///path`) for the controllers to provision, attach,
+    /// expand and snapshot with, under the name it reports; repeatable. Berth's own driver is
+    /// always included when the storage roles run.
+    #[arg(long = "csi-driver")]
+    pub csi_drivers: Vec<String>,
     /// The storage engine's pools (its data dir is --data-dir).
     #[arg(long = "pool", value_parser = crate::parse_pool)]
     pub pools: Vec<(String, PathBuf)>,
@@ -176,7 +181,11 @@ pub fn run(args: ServerArgs, shutdown: impl std::future::Future<Output = ()> + S
             .await
             .map_err(|e| anyhow::anyhow!("starting the API server: {e}"))?;
         if !args.no_controllers {
-            crate::control::start(berth_apiserver::objects::Objects { store }, controllers_stop);
+            let mut endpoints = args.csi_drivers.clone();
+            if engine.is_some() {
+                endpoints.insert(0, args.csi_endpoint.clone());
+            }
+            crate::control::start(berth_apiserver::objects::Objects { store }, endpoints, controllers_stop);
             tracing::info!("running the storage controllers");
         }
         tracing::info!(
