@@ -71,7 +71,7 @@ expect_no() {
 }
 
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"$BERTH_BIN" server --api-only --data-dir "$work/data" --listen "127.0.0.1:$port" >"$work/server.log" 2>&1 &
+"$BERTH_BIN" server --api-only --no-controllers --data-dir "$work/data" --listen "127.0.0.1:$port" >"$work/server.log" 2>&1 &
 server_pid=$!
 url=https://127.0.0.1:$port
 for _ in $(seq 1 100); do

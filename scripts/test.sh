@@ -62,7 +62,7 @@ logs=$target_dir/test-logs
 mkdir -p "$logs"
 
 banner "shellcheck"
-if shellcheck -x scripts/*.sh .ci/run; then
+if shellcheck -x scripts/*.sh scripts/controllers-e2e.d/*.sh .ci/run; then
     step_done shellcheck ok
 else
     step_done shellcheck FAIL
@@ -177,21 +177,25 @@ kubectls=(/opt/berth-ci/kubernetes-client/usr/bin/kubectl)
 if [[ -x /usr/bin/kubectl ]]; then
     kubectls+=(/usr/bin/kubectl)
 fi
-for kc in "${kubectls[@]}"; do
-    label="kubectl e2e $("$kc" version --client -o json 2>/dev/null | python3 -c 'import json, sys; print(json.load(sys.stdin)["clientVersion"]["gitVersion"])' 2>/dev/null || echo "?")"
+# counted LABEL PREFIX CMD...: runs a script that ends with "PREFIX: N passed, N failed" and
+# adds its counts to the totals.
+counted() {
+    local label=$1 prefix=$2
+    shift 2
     banner "$label"
     if ((built == 0)); then
         step_done "$label" FAIL "not run: the build failed"
         failed=$((failed + 1))
-        continue
+        return 0
     fi
+    local rc counts kp kf
     set +e
-    BERTH_BIN=$target_dir/debug/berth KUBECTL=$kc scripts/kubectl-e2e.sh | tee "$target_dir/kubectl-e2e.log"
+    "$@" | tee "$target_dir/$prefix.log"
     rc=${PIPESTATUS[0]}
     set -e
-    counts=$(grep -E '^kubectl-e2e: [0-9]+ passed, [0-9]+ failed' "$target_dir/kubectl-e2e.log" | tail -n 1)
-    kp=$(sed -E 's/^kubectl-e2e: ([0-9]+) passed.*/\1/' <<<"${counts:-kubectl-e2e: 0 passed}")
-    kf=$(sed -E 's/^kubectl-e2e: [0-9]+ passed, ([0-9]+) failed.*/\1/' <<<"${counts:-kubectl-e2e: 0 passed, 0 failed}")
+    counts=$(grep -E "^$prefix: [0-9]+ passed, [0-9]+ failed" "$target_dir/$prefix.log" | tail -n 1)
+    kp=$(sed -E "s/^$prefix: ([0-9]+) passed.*/\1/" <<<"${counts:-$prefix: 0 passed}")
+    kf=$(sed -E "s/^$prefix: [0-9]+ passed, ([0-9]+) failed.*/\1/" <<<"${counts:-$prefix: 0 passed, 0 failed}")
     passed=$((passed + kp))
     failed=$((failed + kf))
     if ((rc == 0)); then
@@ -202,10 +206,18 @@ for kc in "${kubectls[@]}"; do
             failed=$((failed + 1))
         fi
     fi
+}
+
+for kc in "${kubectls[@]}"; do
+    label="kubectl e2e $("$kc" version --client -o json 2>/dev/null | python3 -c 'import json, sys; print(json.load(sys.stdin)["clientVersion"]["gitVersion"])' 2>/dev/null || echo "?")"
+    counted "$label" kubectl-e2e env BERTH_BIN="$target_dir/debug/berth" KUBECTL="$kc" scripts/kubectl-e2e.sh
 done
 
+# The storage control plane through kubectl, against the all-in-one server (issue 5).
+counted "controllers e2e" controllers-e2e env BERTH_BIN="$target_dir/debug/berth" scripts/controllers-e2e.sh
+
 # Smoke runs of the benchmarks: they must keep working; figures at this size mean little.
-for bench in api csi snapshot fio; do
+for bench in api bind csi snapshot fio; do
     banner "berth bench $bench --smoke"
     if ((built == 0)); then
         step_done "bench $bench smoke" FAIL "not run: the build failed"
