@@ -19,6 +19,7 @@ use tokio::sync::watch;
 
 pub mod api;
 pub mod attach;
+pub mod attacher;
 pub mod binder;
 pub mod drivers;
 pub mod events;
@@ -30,6 +31,7 @@ pub mod pv_controller;
 pub mod pv_sync;
 pub mod queue;
 pub mod schedule;
+pub mod sidecar;
 
 use api::{Api, kinds};
 use informer::Informer;
