@@ -113,7 +113,9 @@ fn is_attached(va: &VolumeAttachment) -> bool {
 /// Whether `va` is one the attach/detach controller made for `pv`: it names the volume, the
 /// volume's driver as attacher, and has the name derived from them and its node.
 pub fn is_managed(va: &VolumeAttachment, pv: &PersistentVolume) -> bool {
-    let Some((driver, handle)) = csi_of(pv) else { return false };
+    let Some((driver, handle)) = csi_of(pv) else {
+        return false;
+    };
     va_pv_name(va) == pv.metadata.name.as_deref()
         && va.spec.attacher == driver
         && va.metadata.name.as_deref() == Some(attachment_name(handle, driver, &va.spec.node_name).as_str())
@@ -280,6 +282,47 @@ pub fn attach_note(old: Option<&VolumeAttachment>, new: &VolumeAttachment, pv_na
 
 // ---- external-attacher ----
 
+/// Whether a changed attachment needs another look by external-attacher
+/// (`shouldEnqueueVAChange`): not when the only change is the attach or detach error it just
+/// saved (its own retry with backoff takes care of that), so a failing driver is not called in
+/// a tight loop.
+pub fn should_enqueue(old: &VolumeAttachment, new: &VolumeAttachment) -> bool {
+    if old.metadata.resource_version == new.metadata.resource_version {
+        return true;
+    }
+    let errors = |va: &VolumeAttachment| {
+        va.status
+            .as_ref()
+            .is_some_and(|s| s.attach_error.is_some() || s.detach_error.is_some())
+    };
+    if !errors(old) && !errors(new) {
+        return true;
+    }
+    let mut sanitized = new.clone();
+    sanitized.metadata.resource_version = old.metadata.resource_version.clone();
+    let (ae, de) = old
+        .status
+        .as_ref()
+        .map(|s| (s.attach_error.clone(), s.detach_error.clone()))
+        .unwrap_or_default();
+    if let Some(s) = sanitized.status.as_mut() {
+        s.attach_error = ae;
+        s.detach_error = de;
+    }
+    // An empty status is no status (Go's is a struct, not a pointer).
+    let plain = |mut va: VolumeAttachment| {
+        if va
+            .status
+            .as_ref()
+            .is_some_and(|s| *s == VolumeAttachmentStatus::default())
+        {
+            va.status = None;
+        }
+        va
+    };
+    plain(sanitized) != plain(old.clone())
+}
+
 /// Why a VolumeAttachment cannot be attached or detached (yet); the messages are
 /// external-attacher's and end up in `status.attachError`/`detachError`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -391,12 +434,7 @@ pub fn publish_request(
         volume_capability: Some(cap),
         readonly: opts.publish_readonly && csi.read_only == Some(true),
         secrets,
-        volume_context: csi
-            .volume_attributes
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .collect(),
+        volume_context: csi.volume_attributes.clone().unwrap_or_default().into_iter().collect(),
     })
 }
 
@@ -488,14 +526,18 @@ fn volume_error(message: &str, now: jiff::Timestamp) -> VolumeError {
 /// The attachment with `message` as its attach error.
 pub fn with_attach_error(va: &VolumeAttachment, message: &str, now: jiff::Timestamp) -> VolumeAttachment {
     let mut new = va.clone();
-    new.status.get_or_insert_with(VolumeAttachmentStatus::default).attach_error = Some(volume_error(message, now));
+    new.status
+        .get_or_insert_with(VolumeAttachmentStatus::default)
+        .attach_error = Some(volume_error(message, now));
     new
 }
 
 /// The attachment with `message` as its detach error.
 pub fn with_detach_error(va: &VolumeAttachment, message: &str, now: jiff::Timestamp) -> VolumeAttachment {
     let mut new = va.clone();
-    new.status.get_or_insert_with(VolumeAttachmentStatus::default).detach_error = Some(volume_error(message, now));
+    new.status
+        .get_or_insert_with(VolumeAttachmentStatus::default)
+        .detach_error = Some(volume_error(message, now));
     new
 }
 
@@ -641,7 +683,12 @@ impl Attacher {
                 Change::Upsert { new, .. } => new,
                 Change::Delete(old) => old,
             };
-            if let Some(v) = claim.spec.as_ref().and_then(|s| s.volume_name.as_deref()).filter(|v| !v.is_empty()) {
+            if let Some(v) = claim
+                .spec
+                .as_ref()
+                .and_then(|s| s.volume_name.as_deref())
+                .filter(|v| !v.is_empty())
+            {
                 c.volumes.add(v.to_owned());
             }
         });
@@ -694,7 +741,7 @@ impl Attacher {
                     c.note_pods_on_node(pv, &va.spec.node_name, &note);
                 }
             }
-            if !gone {
+            if !gone && old.is_none_or(|o| should_enqueue(o, va)) {
                 c.attachments.add(format!("va/{name}"));
             }
         });
@@ -809,6 +856,22 @@ impl Attacher {
             },
             stop.clone(),
         ));
+        // Attachments that waited for their driver go on as soon as it registers.
+        let c = self.clone();
+        let mut registered = self.drivers.subscribe();
+        let mut stop3 = stop.clone();
+        let on_register = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    r = registered.changed() => if r.is_err() { return },
+                    _ = stop3.wait_for(|s| *s) => return,
+                }
+                for va in c.inf.attachments.list() {
+                    c.attachments
+                        .add(format!("va/{}", va.metadata.name.as_deref().unwrap_or("")));
+                }
+            }
+        });
         let c = self.clone();
         let mut stop2 = stop.clone();
         let resync = tokio::spawn(async move {
@@ -826,12 +889,13 @@ impl Attacher {
                 }
                 for va in c.inf.attachments.list() {
                     if !is_attached(&va) || va.metadata.deletion_timestamp.is_some() {
-                        c.attachments.add(format!("va/{}", va.metadata.name.as_deref().unwrap_or("")));
+                        c.attachments
+                            .add(format!("va/{}", va.metadata.name.as_deref().unwrap_or("")));
                     }
                 }
             }
         });
-        let _ = tokio::join!(volumes, attachments, resync);
+        let _ = tokio::join!(volumes, attachments, resync, on_register);
     }
 
     /// The attach/detach part for one volume.
@@ -879,7 +943,9 @@ impl Attacher {
         }
         let mut outcome = Outcome::Done;
         for va in plan.create {
-            let Ok(value) = va.to_value() else { return Outcome::Retry };
+            let Ok(value) = va.to_value() else {
+                return Outcome::Retry;
+            };
             match self.api.create(kinds::volume_attachments(), value).await {
                 Ok(stored) => {
                     tracing::info!(volume = name, node = %va.spec.node_name, "attaching");
@@ -916,7 +982,10 @@ impl Attacher {
         match attacher_step(&va, &driver_name, publishes) {
             AttacherStep::Nothing => Outcome::Done,
             AttacherStep::MarkAttached => match marked_attached(&va, BTreeMap::new()) {
-                Some(new) => self.write_va(new, Part::Status).await.map_or_else(|o| o, |_| Outcome::Done),
+                Some(new) => self
+                    .write_va(new, Part::Status)
+                    .await
+                    .map_or_else(|o| o, |_| Outcome::Done),
                 None => Outcome::Done,
             },
             AttacherStep::Attach => self.attach(&va, &driver).await,
@@ -927,6 +996,7 @@ impl Attacher {
     async fn write_va(&self, va: VolumeAttachment, part: Part) -> Result<VolumeAttachment, Outcome> {
         let value = va.to_value().map_err(|_| Outcome::Retry)?;
         match self.api.update(kinds::volume_attachments(), value, part).await {
+            Ok(stored) if sidecar::deleted_by_write(&stored) => Err(Outcome::Done),
             Ok(stored) => {
                 self.inf.attachments.assume(stored.clone());
                 VolumeAttachment::from_value(stored).map_err(|_| Outcome::Retry)
@@ -951,7 +1021,10 @@ impl Attacher {
     }
 
     async fn save_attach_error(&self, va: &VolumeAttachment, message: &str) -> Outcome {
-        tracing::warn!(attachment = va.metadata.name.as_deref().unwrap_or(""), "attach failed: {message}");
+        tracing::warn!(
+            attachment = va.metadata.name.as_deref().unwrap_or(""),
+            "attach failed: {message}"
+        );
         let _ = self
             .write_va(with_attach_error(va, message, jiff::Timestamp::now()), Part::Status)
             .await;
@@ -970,7 +1043,9 @@ impl Attacher {
                 return self.save_attach_error(va, &e.to_string()).await;
             }
             if let Some(new) = pv_with_finalizer(pv, &driver.name) {
-                let Ok(value) = new.to_value() else { return Outcome::Retry };
+                let Ok(value) = new.to_value() else {
+                    return Outcome::Retry;
+                };
                 match self.api.update(kinds::pvs(), value, Part::Main).await {
                     Ok(stored) => self.inf.pvs.assume(stored),
                     Err(e) => {
@@ -1032,7 +1107,10 @@ impl Attacher {
     async fn detach(&self, va: &VolumeAttachment, driver: &crate::drivers::Driver) -> Outcome {
         let pv = va_pv_name(va).and_then(|n| self.inf.pvs.get(n));
         let fail = |msg: String| async move {
-            tracing::warn!(attachment = va.metadata.name.as_deref().unwrap_or(""), "detach failed: {msg}");
+            tracing::warn!(
+                attachment = va.metadata.name.as_deref().unwrap_or(""),
+                "detach failed: {msg}"
+            );
             let _ = self
                 .write_va(with_detach_error(va, &msg, jiff::Timestamp::now()), Part::Status)
                 .await;
@@ -1069,7 +1147,7 @@ impl Attacher {
         let va = match without_finalizer(va, &driver.name) {
             Some(new) => match self.write_va(new, Part::Main).await {
                 Ok(v) => v,
-                // Gone once the last finalizer went: detached.
+                // Gone once the last finalizer went (or already gone): detached.
                 Err(Outcome::Done) => return Outcome::Done,
                 Err(o) => return o,
             },
@@ -1089,15 +1167,13 @@ impl Attacher {
         let Some((driver, _)) = csi_of(&pv) else {
             return Outcome::Done;
         };
-        let referenced = self
-            .index()
-            .attachments_by_pv
-            .get(name)
-            .is_some_and(|s| !s.is_empty());
+        let referenced = self.index().attachments_by_pv.get(name).is_some_and(|s| !s.is_empty());
         let Some(new) = pv_released(&pv, driver, referenced) else {
             return Outcome::Done;
         };
-        let Ok(value) = new.to_value() else { return Outcome::Retry };
+        let Ok(value) = new.to_value() else {
+            return Outcome::Retry;
+        };
         match self.api.update(kinds::pvs(), value, Part::Main).await {
             Ok(_) => Outcome::Done,
             Err(e) => retry_after(&e),

@@ -27,8 +27,10 @@ fn pod(name: &str, ns: &str, node: Option<&str>, phase: &str) -> Pod {
     if let Some(n) = node {
         spec["nodeName"] = json!(n);
     }
-    serde_json::from_value(json!({"metadata": {"name": name, "namespace": ns}, "spec": spec, "status": {"phase": phase}}))
-        .unwrap()
+    serde_json::from_value(
+        json!({"metadata": {"name": name, "namespace": ns}, "spec": spec, "status": {"phase": phase}}),
+    )
+    .unwrap()
 }
 
 fn va_on(pv: &PersistentVolume, node: &str, extra: Value) -> VolumeAttachment {
@@ -101,7 +103,10 @@ fn multi_attach(#[case] modes: &[&str], #[case] want: bool) {
 #[test]
 fn the_attachment_is_named_and_shaped_as_kubernetes_makes_it() {
     let va = attachment_for(&pv(&["ReadWriteOnce"]), "n1").unwrap();
-    assert_eq!(va.metadata.name.as_deref(), Some(attachment_name("vol-1", DRIVER, "n1").as_str()));
+    assert_eq!(
+        va.metadata.name.as_deref(),
+        Some(attachment_name("vol-1", DRIVER, "n1").as_str())
+    );
     assert_eq!(va.spec.attacher, DRIVER);
     assert_eq!(va.spec.node_name, "n1");
     assert_eq!(va.spec.source.persistent_volume_name.as_deref(), Some("pv1"));
@@ -144,15 +149,24 @@ fn name_on(node: &str) -> String {
 #[test]
 fn a_scheduled_pod_gets_its_volume_attached_once() {
     let pods = [pod("p1", "default", Some("n1"), "Running")];
-    assert_eq!(run(&["ReadWriteOnce"], true, &pods, &[], &[]), (vec!["n1".into()], vec![], vec![]));
+    assert_eq!(
+        run(&["ReadWriteOnce"], true, &pods, &[], &[]),
+        (vec!["n1".into()], vec![], vec![])
+    );
     let vas = [va_on(&pv(&["ReadWriteOnce"]), "n1", json!({}))];
-    assert_eq!(run(&["ReadWriteOnce"], true, &pods, &vas, &[]), (vec![], vec![], vec![]));
+    assert_eq!(
+        run(&["ReadWriteOnce"], true, &pods, &vas, &[]),
+        (vec![], vec![], vec![])
+    );
     // Two pods on one node: one attachment.
     let two = [
         pod("p1", "default", Some("n1"), "Running"),
         pod("p2", "default", Some("n1"), "Pending"),
     ];
-    assert_eq!(run(&["ReadWriteOnce"], true, &two, &[], &[]), (vec!["n1".into()], vec![], vec![]));
+    assert_eq!(
+        run(&["ReadWriteOnce"], true, &two, &[], &[]),
+        (vec!["n1".into()], vec![], vec![])
+    );
 }
 
 #[rstest]
@@ -167,24 +181,44 @@ fn detach_when_no_pod_on_the_node_needs_it(
     #[case] in_use: &[&str],
     #[case] deleted: Vec<String>,
 ) {
-    let vas = [va_on(&pv(&["ReadWriteOnce"]), "n1", json!({"status": {"attached": true}}))];
-    assert_eq!(run(&["ReadWriteOnce"], true, &pods, &vas, in_use), (vec![], deleted, vec![]));
+    let vas = [va_on(
+        &pv(&["ReadWriteOnce"]),
+        "n1",
+        json!({"status": {"attached": true}}),
+    )];
+    assert_eq!(
+        run(&["ReadWriteOnce"], true, &pods, &vas, in_use),
+        (vec![], deleted, vec![])
+    );
 }
 
 #[test]
 fn only_managed_attachments_not_yet_deleting_are_deleted() {
     let pv = pv(&["ReadWriteOnce"]);
     let user_made = va_on(&pv, "n1", json!({"metadata": {"name": "user-made"}}));
-    let deleting = va_on(&pv, "n2", json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}}));
-    assert_eq!(run(&["ReadWriteOnce"], true, &[], &[user_made, deleting], &[]), (vec![], vec![], vec![]));
+    let deleting = va_on(
+        &pv,
+        "n2",
+        json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}}),
+    );
+    assert_eq!(
+        run(&["ReadWriteOnce"], true, &[], &[user_made, deleting], &[]),
+        (vec![], vec![], vec![])
+    );
 }
 
 #[test]
 fn attach_not_required_creates_nothing_and_cleans_up() {
     let pods = [pod("p1", "default", Some("n1"), "Running")];
     let vas = [va_on(&pv(&["ReadWriteOnce"]), "n1", json!({}))];
-    assert_eq!(run(&["ReadWriteOnce"], false, &pods, &[], &[]), (vec![], vec![], vec![]));
-    assert_eq!(run(&["ReadWriteOnce"], false, &pods, &vas, &[]), (vec![], vec![name_on("n1")], vec![]));
+    assert_eq!(
+        run(&["ReadWriteOnce"], false, &pods, &[], &[]),
+        (vec![], vec![], vec![])
+    );
+    assert_eq!(
+        run(&["ReadWriteOnce"], false, &pods, &vas, &[]),
+        (vec![], vec![name_on("n1")], vec![])
+    );
 }
 
 #[rstest]
@@ -201,7 +235,11 @@ fn attach_not_required_creates_nothing_and_cleans_up() {
     vec!["p2 FailedAttachVolume Multi-Attach error for volume \"pv1\" Volume is already used by pod(s) p3 and 1 pod(s) in different namespaces".to_owned()]
 )]
 fn a_read_write_once_volume_stays_on_one_node(#[case] pods: Vec<Pod>, #[case] notes: Vec<String>) {
-    let vas = [va_on(&pv(&["ReadWriteOnce"]), "n1", json!({"status": {"attached": true}}))];
+    let vas = [va_on(
+        &pv(&["ReadWriteOnce"]),
+        "n1",
+        json!({"status": {"attached": true}}),
+    )];
     assert_eq!(run(&["ReadWriteOnce"], true, &pods, &vas, &[]), (vec![], vec![], notes));
     // ReadWriteMany goes to both.
     assert_eq!(run(&["ReadWriteMany"], true, &pods, &vas, &[]).0, vec!["n2".to_owned()]);
@@ -210,7 +248,11 @@ fn a_read_write_once_volume_stays_on_one_node(#[case] pods: Vec<Pod>, #[case] no
 #[test]
 fn a_stale_attachment_blocks_the_new_node_until_it_is_gone() {
     let pods = [pod("p2", "default", Some("n2"), "Running")];
-    let vas = [va_on(&pv(&["ReadWriteOnce"]), "n1", json!({"status": {"attached": true}}))];
+    let vas = [va_on(
+        &pv(&["ReadWriteOnce"]),
+        "n1",
+        json!({"status": {"attached": true}}),
+    )];
     assert_eq!(
         run(&["ReadWriteOnce"], true, &pods, &vas, &[]),
         (
@@ -237,7 +279,10 @@ fn attach_events_follow_status_changes() {
     let n = attach_note(Some(&pending), &attached, "pv1").unwrap();
     assert_eq!(
         (n.reason, n.message.as_str()),
-        ("SuccessfulAttachVolume", "AttachVolume.Attach succeeded for volume \"pv1\"")
+        (
+            "SuccessfulAttachVolume",
+            "AttachVolume.Attach succeeded for volume \"pv1\""
+        )
     );
     assert_eq!(attach_note(Some(&attached), &attached, "pv1"), None);
     let n = attach_note(Some(&pending), &failed, "pv1").unwrap();
@@ -268,7 +313,10 @@ fn the_volume_spec_comes_from_the_pv_or_inline() {
         "n1",
         json!({"spec": {"source": {"persistentVolumeName": null, "inlineVolumeSpec": {"csi": {"driver": DRIVER, "volumeHandle": "x"}}}}}),
     );
-    assert_eq!(volume_spec(&inline, None).unwrap().csi.as_ref().unwrap().volume_handle, "x");
+    assert_eq!(
+        volume_spec(&inline, None).unwrap().csi.as_ref().unwrap().volume_handle,
+        "x"
+    );
     let mut not_csi = pv.clone();
     not_csi.spec.as_mut().unwrap().csi = None;
     assert_eq!(
@@ -306,7 +354,13 @@ fn node_ids(
     #[case] want: Result<&str, &str>,
 ) {
     let pv = pv(&["ReadWriteOnce"]);
-    let va = annotated.map(|id| va_on(&pv, "n1", json!({"metadata": {"annotations": {NODE_ID_ANNOTATION: id}}})));
+    let va = annotated.map(|id| {
+        va_on(
+            &pv,
+            "n1",
+            json!({"metadata": {"annotations": {NODE_ID_ANNOTATION: id}}}),
+        )
+    });
     let local = local.map(info);
     let got = node_id(DRIVER, "n1", csi_node.as_ref(), va.as_ref(), local.as_ref()).map_err(|e| e.to_string());
     assert_eq!(got, want.map(str::to_owned).map_err(str::to_owned));
@@ -377,7 +431,10 @@ fn attachment_writes() {
     let s = attached.status.as_ref().unwrap();
     assert!(s.attached && s.attach_error.is_none());
     assert_eq!(s.attachment_metadata.as_ref().unwrap()["k"], "v");
-    assert_eq!(marked_attached(&attached, BTreeMap::from([("k".into(), "v".into())])), None);
+    assert_eq!(
+        marked_attached(&attached, BTreeMap::from([("k".into(), "v".into())])),
+        None
+    );
     let json = serde_json::to_value(&failed).unwrap();
     assert_eq!(json["status"]["attachError"]["message"], "boom");
     assert_eq!(json["status"]["attachError"]["time"], "2026-01-01T00:00:00Z");
@@ -401,4 +458,25 @@ fn the_volume_keeps_our_finalizer_while_attachments_name_it() {
     assert_eq!(pv_released(&deleting, DRIVER, true), None, "still attached");
     let released = pv_released(&deleting, DRIVER, false).unwrap();
     assert_eq!(released.metadata.finalizers.as_deref(), Some(&[][..]));
+}
+
+#[test]
+fn a_saved_error_alone_does_not_wake_the_attacher() {
+    let pv = pv(&["ReadWriteOnce"]);
+    let now = jiff::Timestamp::from_second(1_767_225_600).unwrap();
+    let old = va_on(&pv, "n1", json!({"metadata": {"resourceVersion": "1"}}));
+    let mut failed = with_attach_error(&old, "boom", now);
+    failed.metadata.resource_version = Some("2".into());
+    assert!(!should_enqueue(&old, &failed));
+    let mut again = with_attach_error(&failed, "boom", jiff::Timestamp::from_second(1_767_225_700).unwrap());
+    again.metadata.resource_version = Some("3".into());
+    assert!(!should_enqueue(&failed, &again));
+    let mut deleted = failed.clone();
+    deleted.metadata.resource_version = Some("4".into());
+    deleted.metadata.deletion_timestamp = Some(Time(now));
+    assert!(should_enqueue(&failed, &deleted));
+    assert!(should_enqueue(&old, &old), "a resync");
+    let mut attached = marked_attached(&old, BTreeMap::new()).unwrap();
+    attached.metadata.resource_version = Some("5".into());
+    assert!(should_enqueue(&old, &attached));
 }

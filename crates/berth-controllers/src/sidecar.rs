@@ -120,6 +120,14 @@ pub fn time_of_nanos(nanos: i64) -> Option<String> {
         .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
 }
 
+/// Whether an object a write returned is one that write deleted (it was Terminating and lost its
+/// last finalizer). Such a copy must not be put into a cache: the deletion's watch event may
+/// already have removed it, and it would come back as a ghost.
+pub fn deleted_by_write(v: &serde_json::Value) -> bool {
+    let m = &v["metadata"];
+    !m["deletionTimestamp"].is_null() && m["finalizers"].as_array().is_none_or(Vec::is_empty)
+}
+
 /// The data of Secret `namespace/name`, as strings (for a CSI request's `secrets`).
 pub async fn load_secret(api: &dyn Api, namespace: &str, name: &str) -> Result<HashMap<String, String>, ApiError> {
     let secret = Secret::from_value(api.get(kinds::secrets(), Some(namespace), name).await?)?;
@@ -180,7 +188,9 @@ mod tests {
             Err(CapabilityError::NotCsi)
         );
         let err = volume_capability(
-            &spec(json!({"accessModes": ["ReadWriteOnce", "ReadOnlyMany"], "csi": {"driver": "d", "volumeHandle": "h"}})),
+            &spec(
+                json!({"accessModes": ["ReadWriteOnce", "ReadOnlyMany"], "csi": {"driver": "d", "volumeHandle": "h"}}),
+            ),
             false,
             "",
         )
@@ -210,6 +220,21 @@ mod tests {
     #[case(tonic::Code::ResourceExhausted, false)]
     fn finality(#[case] code: tonic::Code, #[case] want: bool) {
         assert_eq!(is_final(code), want);
+    }
+
+    #[test]
+    fn writes_that_complete_a_deletion() {
+        let v = |m: serde_json::Value| json!({"metadata": m});
+        assert!(deleted_by_write(&v(
+            json!({"deletionTimestamp": "2026-01-01T00:00:00Z"})
+        )));
+        assert!(deleted_by_write(&v(
+            json!({"deletionTimestamp": "2026-01-01T00:00:00Z", "finalizers": []})
+        )));
+        assert!(!deleted_by_write(&v(
+            json!({"deletionTimestamp": "2026-01-01T00:00:00Z", "finalizers": ["f"]})
+        )));
+        assert!(!deleted_by_write(&v(json!({"finalizers": []}))));
     }
 
     #[test]
