@@ -31,6 +31,7 @@ pub mod provisioner;
 pub mod pv_controller;
 pub mod pv_sync;
 pub mod queue;
+pub mod resizer;
 pub mod schedule;
 pub mod sidecar;
 
