@@ -34,6 +34,7 @@ pub mod queue;
 pub mod resizer;
 pub mod schedule;
 pub mod sidecar;
+pub mod snapshotter;
 
 use api::{Api, kinds};
 use informer::Informer;

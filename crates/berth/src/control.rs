@@ -183,9 +183,12 @@ pub fn start(objects: Objects, endpoints: Vec<String>, stop: watch::Receiver<boo
         berth_controllers::provisioner::Provisioner::new(api.clone(), inf.clone(), drivers.clone(), &events);
     let attacher = berth_controllers::attacher::Attacher::new(api.clone(), inf.clone(), drivers.clone(), &events);
     let resizer = berth_controllers::resizer::Resizer::new(api.clone(), inf.clone(), drivers.clone(), &events);
+    let snapshotter =
+        berth_controllers::snapshotter::Snapshotter::new(api.clone(), inf.clone(), drivers.clone(), &events);
     inf.start(&api, &stop);
     tokio::spawn(attacher.run(8, stop.clone()));
     tokio::spawn(resizer.run(8, stop.clone()));
+    tokio::spawn(snapshotter.run(8, stop.clone()));
     tokio::spawn(provisioner.run(WORKERS, stop.clone()));
     tokio::spawn(pv.run(WORKERS, stop.clone()));
     tokio::spawn(protection.run(8, stop));
