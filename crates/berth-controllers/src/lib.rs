@@ -10,6 +10,9 @@
 //! the PVs they make), [`attach`] (VolumeAttachment names).
 //! Runners: [`pv_controller`], [`provisioner`], [`protection`], over [`informer`]s and [`queue`]s, writing
 //! through [`api::Api`] and recording [`events`].
+//! Both, each module its decisions then its runner: [`attacher`] (attach/detach and
+//! external-attacher), [`resizer`] (external-resizer), [`snapshotter`] (snapshot-controller and
+//! csi-snapshotter), with what those sidecars share in [`sidecar`].
 
 use std::sync::Arc;
 
