@@ -33,8 +33,7 @@ use crate::pv_sync::{
 };
 use crate::queue::{Outcome, Queue};
 
-/// Marks a claim whose backend volume may exist before its PV does.
-pub const PROVISIONING_FINALIZER: &str = "csi.berth.dev/provisioning-protection";
+pub use crate::pv_sync::PROVISIONING_FINALIZER;
 /// How long one CreateVolume or DeleteVolume may take before it is retried.
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -419,8 +418,6 @@ impl Provisioner {
                 .get_or_insert_with(Vec::new)
                 .push(PROVISIONING_FINALIZER.into());
             self.write_claim(new).await?;
-            // The claim's next sync (its update event) calls the driver.
-            return Ok(());
         }
         self.note(
             claim,
