@@ -143,4 +143,7 @@ eventually "attach: the pod's event repeats the error" 10 'FailedAttachVolume.*A
     k get events --field-selector involvedObject.name=att-missing-user
 expect "attach: delete that pod" 'deleted' k delete pod att-missing-user
 gone "attach: the failed attachment is deleted too" 20 "volumeattachment/$va_bad"
-expect "attach: clean up the static claim and volume" 'deleted' k delete pvc att-missing --wait=false
+expect "attach: clean up the static claim" 'deleted' k delete pvc att-missing --wait=false
+eventually "attach: ... its volume is Released" 20 '^Released$' jp pv/att-missing '{.status.phase}'
+expect "attach: ... and the volume (it names no backend volume)" 'deleted' k delete pv att-missing --wait=false
+gone "attach: the volume goes: no attachment holds its finalizer any more" 20 pv/att-missing
