@@ -8,7 +8,8 @@
 //! [`pv_sync`] (claim and volume phases, binding, reclaim), [`protection`] (finalizers),
 //! [`schedule`] (the scheduler's volume binding), [`provision`] (CreateVolume requests and
 //! the PVs they make), [`attach`] (VolumeAttachment names).
-//! Runners: [`pv_controller`], [`protection`], over [`informer`]s and [`queue`]s, writing
+//! Runners: [`pv_controller`], [`protection`], [`registration`] (this node's Node, CSINode,
+//! CSIDrivers and CSIStorageCapacities), [`scheduler`] (places pods), over [`informer`]s and [`queue`]s, writing
 //! through [`api::Api`] and recording [`events`].
 
 use std::sync::Arc;
@@ -29,7 +30,9 @@ pub mod provision;
 pub mod pv_controller;
 pub mod pv_sync;
 pub mod queue;
+pub mod registration;
 pub mod schedule;
+pub mod scheduler;
 
 use api::{Api, kinds};
 use informer::Informer;
