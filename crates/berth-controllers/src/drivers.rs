@@ -92,14 +92,19 @@ impl Driver {
 }
 
 /// The registry.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Drivers {
     by_name: RwLock<HashMap<String, Arc<Driver>>>,
+    /// Bumped on every registration, so controllers can look again at what waited for a driver.
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl Drivers {
     pub fn new() -> Arc<Self> {
-        Arc::new(Drivers::default())
+        Arc::new(Drivers {
+            by_name: RwLock::default(),
+            generation: tokio::sync::watch::channel(0).0,
+        })
     }
 
     /// Adds (or replaces) a connected driver.
@@ -108,6 +113,12 @@ impl Drivers {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(driver.name.clone(), Arc::new(driver));
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Changes whenever a driver is registered.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     /// The driver called `name`.

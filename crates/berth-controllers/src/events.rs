@@ -84,37 +84,50 @@ type Seen = (Involved, &'static str, String);
 /// Where an aggregated event was written (name, namespace) and its count.
 type Written = (String, Option<String>, i64);
 
+/// Events written at once; more wait their turn in the backlog.
+const WRITERS: usize = 16;
+
 /// Starts the writer; it ends when every [`Recorder`] is dropped.
 pub fn start(api: Arc<dyn Api>) -> Recorder {
     let (tx, mut rx) = mpsc::channel::<Record>(BACKLOG);
     tokio::spawn(async move {
         let mut seen: HashMap<Seen, Written> = HashMap::new();
+        let permits = Arc::new(tokio::sync::Semaphore::new(WRITERS));
         while let Some(rec) = rx.recv().await {
             if seen.len() > REMEMBER {
                 seen.clear();
             }
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
             let key = (rec.about.clone(), rec.note.reason, rec.note.message.clone());
             let now = now();
+            let api = api.clone();
             if let Some((name, ns, count)) = seen.get_mut(&key) {
+                // The same event again: bump its count.
                 *count += 1;
-                if let Ok(mut ev) = api.get(kinds::events(), ns.as_deref(), name).await {
-                    ev["count"] = json!(*count);
-                    ev["lastTimestamp"] = json!(now);
-                    if api.update(kinds::events(), ev, Part::Main).await.is_ok() {
-                        continue;
+                let (name, ns, count) = (name.clone(), ns.clone(), *count);
+                tokio::spawn(async move {
+                    if let Ok(mut ev) = api.get(kinds::events(), ns.as_deref(), &name).await {
+                        ev["count"] = json!(count);
+                        ev["lastTimestamp"] = json!(now);
+                        let _ = api.update(kinds::events(), ev, Part::Main).await;
                     }
-                }
+                    drop(permit);
+                });
+                continue;
             }
             let ns = rec.about.namespace.clone().unwrap_or_else(|| "default".into());
             let name = format!("{}.{:x}", rec.about.name, unique());
             let ev = event(&rec, &ns, &name, &now);
-            match api.create(kinds::events(), ev).await {
-                Ok(_) => {
-                    seen.insert(key, (name, Some(ns), 1));
+            seen.insert(key, (name, Some(ns), 1));
+            tokio::spawn(async move {
+                match api.create(kinds::events(), ev).await {
+                    Ok(_) | Err(ApiError::NotFound(_)) => {} // NotFound: the namespace is gone
+                    Err(e) => tracing::debug!(error = %e, "could not write an event"),
                 }
-                Err(ApiError::NotFound(_)) => {} // the namespace is gone
-                Err(e) => tracing::debug!(error = %e, "could not write an event"),
-            }
+                drop(permit);
+            });
         }
     });
     Recorder {

@@ -8,9 +8,9 @@
 //! [`pv_sync`] (claim and volume phases, binding, reclaim), [`protection`] (finalizers),
 //! [`schedule`] (the scheduler's volume binding), [`provision`] (CreateVolume requests and
 //! the PVs they make), [`attach`] (VolumeAttachment names).
-//! Runners: [`pv_controller`], [`protection`], [`registration`] (this node's Node, CSINode,
-//! CSIDrivers and CSIStorageCapacities), [`scheduler`] (places pods), over [`informer`]s and [`queue`]s, writing
-//! through [`api::Api`] and recording [`events`].
+//! Runners: [`pv_controller`], [`provisioner`], [`protection`], [`registration`] (this node's
+//! Node, CSINode, CSIDrivers and CSIStorageCapacities), [`scheduler`] (places pods), over
+//! [`informer`]s and [`queue`]s, writing through [`api::Api`] and recording [`events`].
 
 use std::sync::Arc;
 
@@ -27,6 +27,7 @@ pub mod index;
 pub mod informer;
 pub mod protection;
 pub mod provision;
+pub mod provisioner;
 pub mod pv_controller;
 pub mod pv_sync;
 pub mod queue;

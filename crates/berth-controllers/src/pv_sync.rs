@@ -39,6 +39,9 @@ pub const ANN_STORAGE_PROVISIONER: &str = "volume.kubernetes.io/storage-provisio
 pub const ANN_BETA_STORAGE_PROVISIONER: &str = "volume.beta.kubernetes.io/storage-provisioner";
 pub const ANN_SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
 pub const NO_PROVISIONER: &str = "kubernetes.io/no-provisioner";
+/// Marks a claim whose backend volume may exist before its PV does (see
+/// [`crate::provisioner`]). Binding the claim to its PV drops it: the PV carries the volume.
+pub const PROVISIONING_FINALIZER: &str = "csi.berth.dev/provisioning-protection";
 
 /// An event to record on the object being synced.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -320,6 +323,9 @@ pub fn bound_claim(claim: &PersistentVolumeClaim, pv: &PersistentVolume) -> Opti
     if spec.volume_name.as_deref() != Some(name.as_str()) {
         spec.volume_name = Some(name);
         ann.insert(ANN_BOUND_BY_CONTROLLER.into(), "yes".into());
+    }
+    if let Some(f) = new.metadata.finalizers.as_mut() {
+        f.retain(|x| x != PROVISIONING_FINALIZER);
     }
     ann.entry(ANN_BIND_COMPLETED.into()).or_insert_with(|| "yes".into());
     let status = new.status.get_or_insert_with(PersistentVolumeClaimStatus::default);

@@ -282,3 +282,14 @@ fn failed_phase_carries_the_message() {
 fn provisioner_deletes_only_its_released_delete_volumes(#[case] v: PersistentVolume, #[case] want: bool) {
     assert_eq!(should_delete(&v, "berth.dev"), want);
 }
+
+#[test]
+fn binding_drops_the_provisioning_finalizer() {
+    let c = claim(json!({"metadata": {"finalizers": ["kubernetes.io/pvc-protection", PROVISIONING_FINALIZER]}}));
+    let nv = bound_volume(&pv(json!({})), &c).unwrap();
+    let nc = bound_claim(&c, &nv).unwrap();
+    assert_eq!(
+        nc.metadata.finalizers.as_deref(),
+        Some(&["kubernetes.io/pvc-protection".to_owned()][..])
+    );
+}

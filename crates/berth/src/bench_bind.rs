@@ -13,6 +13,7 @@
 //! Prints figures; asserts nothing beyond the check in 3. Removes its data dir at the end.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -37,6 +38,10 @@ pub struct BindArgs {
     /// Small numbers, for CI.
     #[arg(long)]
     smoke: bool,
+    /// Instead of pairs: this many claims of a class provisioned by Berth's own driver
+    /// (`kind: dir`), created while the all-in-one server runs (needs root).
+    #[arg(long)]
+    dynamic: Option<usize>,
 }
 
 fn pv_body(name: &str, prebound: bool) -> Vec<u8> {
@@ -69,6 +74,9 @@ fn pvc_body(name: &str, prebound: bool) -> Vec<u8> {
 }
 
 pub fn run(args: BindArgs) -> Result<()> {
+    if let Some(n) = args.dynamic {
+        return run_dynamic(&args, if args.smoke { n.min(100) } else { n });
+    }
     let pairs = args.pairs.unwrap_or(if args.smoke { 300 } else { 10_000 });
     let work = tempfile::Builder::new()
         .prefix("berth-bench-bind.")
@@ -248,4 +256,167 @@ async fn conn_get(t: &crate::bench_api::Target, path: &str) -> Result<(u16, serd
     let mut c = t.connect().await?;
     let (code, body) = c.call("GET", path, "application/json", Vec::new()).await?;
     Ok((code, serde_json::from_slice(&body)?))
+}
+
+fn dyn_claim(name: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": { "name": name },
+        "spec": { "accessModes": ["ReadWriteOnce"], "storageClassName": "bench-dir",
+                  "resources": { "requests": { "storage": "16Mi" } } },
+    }))
+    .unwrap_or_default()
+}
+
+/// Watches claims from `from` on until `n` are Bound; returns when each was first seen Bound.
+async fn watch_bound(
+    t: &crate::bench_api::Target,
+    from: &str,
+    n: usize,
+    timeout: Duration,
+) -> Result<HashMap<String, Instant>> {
+    let mut conn = t.connect().await?;
+    let path = format!("/api/v1/persistentvolumeclaims?watch=1&resourceVersion={from}");
+    let req = conn.request("GET", &path, "application/json", Vec::new())?;
+    conn.send.ready().await?;
+    let resp = conn.send.send_request(req).await?;
+    let mut body = resp.into_body();
+    let mut buf = Vec::new();
+    let mut bound = HashMap::with_capacity(n);
+    let deadline = Instant::now() + timeout;
+    while bound.len() < n {
+        let frame = tokio::time::timeout_at(deadline.into(), body.frame())
+            .await
+            .with_context(|| format!("only {} of {n} claims Bound in time", bound.len()))?;
+        let Some(frame) = frame else { bail!("the watch ended") };
+        let Ok(chunk) = frame?.into_data() else { continue };
+        buf.extend_from_slice(&chunk);
+        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=pos).collect();
+            let v: serde_json::Value = serde_json::from_slice(&line)?;
+            if v["object"]["status"]["phase"] == "Bound"
+                && let Some(name) = v["object"]["metadata"]["name"].as_str()
+            {
+                bound.entry(name.to_owned()).or_insert_with(Instant::now);
+            }
+        }
+    }
+    Ok(bound)
+}
+
+/// `--dynamic N`: claims provisioned by Berth's own driver while the all-in-one server runs.
+fn run_dynamic(args: &BindArgs, n: usize) -> Result<()> {
+    if !rustix::process::geteuid().is_root() {
+        bail!("berth bench bind --dynamic runs the all-in-one server, which needs root");
+    }
+    let work = tempfile::Builder::new()
+        .prefix("berth-bench-dyn.")
+        .tempdir_in("/var/tmp")?;
+    let data = work.path().join("data");
+    let csi = format!("unix://{}", work.path().join("csi.sock").display());
+    let docker = work.path().join("docker.sock");
+    let runtime = tokio::runtime::Runtime::new()?;
+    println!("berth bench bind --dynamic: {}", crate::bench::machine_line());
+    println!(
+        "{n} claims of a kind=dir class provisioned by csi.berth.dev, created by {} writers",
+        args.concurrency
+    );
+    let result = runtime.block_on(async {
+        let docker = docker.display().to_string();
+        let server = start_server_with(
+            &data,
+            &[
+                "--default-pool-size",
+                "4G",
+                "--csi-endpoint",
+                &csi,
+                "--docker-socket",
+                &docker,
+            ],
+        )?;
+        let pid = server.child.id();
+        let t = target(&data).await?;
+        let mut c = t.connect().await?;
+        let class = serde_json::to_vec(&serde_json::json!({
+            "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+            "metadata": {"name": "bench-dir"}, "provisioner": "csi.berth.dev",
+            "parameters": {"kind": "dir"}, "reclaimPolicy": "Delete",
+        }))?;
+        let (code, body) = c
+            .call(
+                "POST",
+                "/apis/storage.k8s.io/v1/storageclasses",
+                "application/json",
+                class,
+            )
+            .await?;
+        if code != 201 {
+            bail!("creating the class: HTTP {code}: {}", String::from_utf8_lossy(&body));
+        }
+        let (_, list) = c
+            .call("GET", "/api/v1/persistentvolumeclaims", "application/json", Vec::new())
+            .await?;
+        let rv: serde_json::Value = serde_json::from_slice(&list)?;
+        let rv = rv["metadata"]["resourceVersion"].as_str().unwrap_or("0").to_owned();
+        let t2 = t.clone();
+        let watcher = tokio::spawn(async move { watch_bound(&t2, &rv, n, Duration::from_secs(1800)).await });
+        let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+        let started = Instant::now();
+        let (create_time, _) = create_many(
+            &t,
+            "/api/v1/namespaces/default/persistentvolumeclaims",
+            "dyn-",
+            n,
+            args.concurrency,
+            dyn_claim,
+            Some(sent.clone()),
+        )
+        .await?;
+        let bound = watcher.await??;
+        let last = bound.values().max().copied().unwrap_or(started);
+        let elapsed = last.saturating_duration_since(started).as_secs_f64().max(1e-6);
+        let mut h = histogram()?;
+        if let Ok(sent) = sent.lock() {
+            for (name, at) in bound.iter() {
+                if let Some(s) = sent.get(name) {
+                    h.saturating_record(micros(at.saturating_duration_since(*s)));
+                }
+            }
+        }
+        println!("created {n} claims in {:.2} s", create_time.as_secs_f64());
+        println!(
+            "all {n} Bound {elapsed:.2} s after the first create: {:.0} provisions/s",
+            n as f64 / elapsed
+        );
+        println!(
+            "create to Bound: p50 {} p99 {} max {}",
+            ms(h.value_at_quantile(0.5)),
+            ms(h.value_at_quantile(0.99)),
+            ms(h.max())
+        );
+        println!(
+            "server RSS {} MiB (peak {} MiB)",
+            rss_kib(pid, "VmRSS:")? / 1024,
+            rss_kib(pid, "VmHWM:")? / 1024
+        );
+        let (code, pvs) = conn_get(&t, "/api/v1/persistentvolumes").await?;
+        if code != 200 {
+            bail!("listing PVs: HTTP {code}");
+        }
+        let handles: HashSet<&str> = pvs["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["spec"]["csi"]["volumeHandle"].as_str())
+            .collect();
+        if handles.len() != n {
+            bail!("{} distinct CSI volumes for {n} claims", handles.len());
+        }
+        println!("checked: {n} PVs with {n} distinct backend volumes");
+        drop(server);
+        Ok::<_, anyhow::Error>(())
+    });
+    let host = berth_host::LinuxHost::default();
+    berth_storage::teardown::teardown(&host, &data).context("tearing down the bench's data dir")?;
+    result
 }

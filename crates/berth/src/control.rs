@@ -179,12 +179,15 @@ pub fn start(objects: Objects, endpoints: Vec<String>, stop: watch::Receiver<boo
     let events = berth_controllers::events::start(api.clone());
     let pv = berth_controllers::pv_controller::PvController::new(api.clone(), inf.clone(), &events);
     let protection = berth_controllers::protection::Protection::new(api.clone(), inf.clone());
+    let provisioner =
+        berth_controllers::provisioner::Provisioner::new(api.clone(), inf.clone(), drivers.clone(), &events);
     // This host's Node, CSINode, CSIDrivers and capacities, named by the first driver (the
     // built-in one when the storage roles run); and the scheduler that places pods on it.
     let registration =
         berth_controllers::registration::Registration::new(api.clone(), inf.clone(), drivers, None, endpoints);
     let scheduler = berth_controllers::scheduler::Scheduler::new(api.clone(), inf.clone(), &events);
     inf.start(&api, &stop);
+    tokio::spawn(provisioner.run(WORKERS, stop.clone()));
     tokio::spawn(registration.run(stop.clone()));
     tokio::spawn(scheduler.run(4, stop.clone()));
     tokio::spawn(pv.run(WORKERS, stop.clone()));
