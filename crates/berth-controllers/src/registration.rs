@@ -65,8 +65,6 @@ const AGENT_VERSION: &str = concat!("berth-", env!("CARGO_PKG_VERSION"));
 /// How often capacities are asked again, and everything compared again (external-provisioner's
 /// `--capacity-poll-interval`).
 pub const REFRESH: Duration = Duration::from_secs(60);
-/// How often the driver registry is looked at until every expected driver has connected.
-pub const DRIVER_POLL: Duration = Duration::from_millis(200);
 
 /// What registration needs to know of one connected driver.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -579,8 +577,8 @@ impl Registration {
         }
     }
 
-    /// Runs until `stop`: watches the driver registry until every expected driver has
-    /// connected, then looks at everything again every [`REFRESH`].
+    /// Runs until `stop`: looks at everything when a driver registers, and again every
+    /// [`REFRESH`].
     pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         if self.given_name.is_none() && self.endpoints.is_empty() {
             tracing::info!("no node to register: no node name and no CSI driver");
@@ -596,13 +594,12 @@ impl Registration {
             },
             stop.clone(),
         ));
-        let mut seen: Vec<String> = Vec::new();
-        let mut first = true;
+        let mut registered = self.drivers.subscribe();
         loop {
-            let registered = self.drivers.all();
             if self.name.get().is_none() {
+                let drivers = self.drivers.all();
                 let by_endpoint = |e: &str| {
-                    registered
+                    drivers
                         .iter()
                         .find(|d| d.endpoint == e)
                         .map(|d| d.node.as_ref().map(|n| n.node_id.clone()))
@@ -612,25 +609,16 @@ impl Registration {
                     let _ = self.name.set(n);
                 }
             }
-            let mut names: Vec<String> = registered.iter().map(|d| d.name.clone()).collect();
-            names.sort();
-            let complete = self.name.get().is_some()
-                && self
-                    .endpoints
-                    .iter()
-                    .all(|e| registered.iter().any(|d| &d.endpoint == e));
-            if first || names != seen {
-                first = false;
-                seen = names;
-                self.queue_all();
-            }
-            let wait = if complete { REFRESH } else { DRIVER_POLL };
+            self.queue_all();
             tokio::select! {
-                () = tokio::time::sleep(wait) => {}
+                r = registered.changed() => {
+                    if r.is_err() {
+                        // The registry is gone (shutting down).
+                        break;
+                    }
+                }
+                () = tokio::time::sleep(REFRESH) => {}
                 _ = stop.wait_for(|s| *s) => break,
-            }
-            if complete {
-                self.queue_all();
             }
         }
         let _ = worker.await;
