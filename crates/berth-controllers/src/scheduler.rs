@@ -642,6 +642,8 @@ impl Scheduler {
         let key = pod_key(pod);
         let delay = {
             let mut st = self.state();
+            // A failed attempt gives up its reservation; the next one reserves afresh.
+            st.reserved.remove(&key);
             let n = st.failures.entry(key.clone()).or_insert(0);
             *n += 1;
             let delay = pod_backoff(*n);
