@@ -8,8 +8,9 @@
 //! [`pv_sync`] (claim and volume phases, binding, reclaim), [`protection`] (finalizers),
 //! [`schedule`] (the scheduler's volume binding), [`provision`] (CreateVolume requests and
 //! the PVs they make), [`attach`] (VolumeAttachment names).
-//! Runners: [`pv_controller`], [`provisioner`], [`protection`], over [`informer`]s and [`queue`]s, writing
-//! through [`api::Api`] and recording [`events`].
+//! Runners: [`pv_controller`], [`provisioner`], [`protection`], [`registration`] (this node's
+//! Node, CSINode, CSIDrivers and CSIStorageCapacities), [`scheduler`] (places pods), over
+//! [`informer`]s and [`queue`]s, writing through [`api::Api`] and recording [`events`].
 
 use std::sync::Arc;
 
@@ -30,7 +31,9 @@ pub mod provisioner;
 pub mod pv_controller;
 pub mod pv_sync;
 pub mod queue;
+pub mod registration;
 pub mod schedule;
+pub mod scheduler;
 
 use api::{Api, kinds};
 use informer::Informer;

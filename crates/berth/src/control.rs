@@ -174,15 +174,22 @@ fn connect_drivers(endpoints: Vec<String>, stop: watch::Receiver<bool>) -> Arc<D
 /// when `stop` turns true.
 pub fn start(objects: Objects, endpoints: Vec<String>, stop: watch::Receiver<bool>) {
     let api: Arc<dyn Api> = Arc::new(LocalApi { objects });
-    let drivers = connect_drivers(endpoints, stop.clone());
+    let drivers = connect_drivers(endpoints.clone(), stop.clone());
     let inf = berth_controllers::Informers::new();
     let events = berth_controllers::events::start(api.clone());
     let pv = berth_controllers::pv_controller::PvController::new(api.clone(), inf.clone(), &events);
     let protection = berth_controllers::protection::Protection::new(api.clone(), inf.clone());
     let provisioner =
         berth_controllers::provisioner::Provisioner::new(api.clone(), inf.clone(), drivers.clone(), &events);
+    // This host's Node, CSINode, CSIDrivers and capacities, named by the first driver (the
+    // built-in one when the storage roles run); and the scheduler that places pods on it.
+    let registration =
+        berth_controllers::registration::Registration::new(api.clone(), inf.clone(), drivers, None, endpoints);
+    let scheduler = berth_controllers::scheduler::Scheduler::new(api.clone(), inf.clone(), &events);
     inf.start(&api, &stop);
     tokio::spawn(provisioner.run(WORKERS, stop.clone()));
+    tokio::spawn(registration.run(stop.clone()));
+    tokio::spawn(scheduler.run(4, stop.clone()));
     tokio::spawn(pv.run(WORKERS, stop.clone()));
     tokio::spawn(protection.run(8, stop));
 }
