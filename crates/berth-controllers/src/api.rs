@@ -109,6 +109,9 @@ pub mod kinds {
     pub fn nodes() -> &'static Resource {
         resource("", "v1", "nodes")
     }
+    pub fn namespaces() -> &'static Resource {
+        resource("", "v1", "namespaces")
+    }
     pub fn events() -> &'static Resource {
         resource("", "v1", "events")
     }

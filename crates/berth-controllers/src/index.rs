@@ -1,7 +1,7 @@
 //! The binder's volume index: the same answer as [`find_matching_volume`] over every volume,
 //! at O(log n) per claim instead of a scan.
 //!
-//! Volumes with no `claimRef` are kept per class, then per access-mode set, ordered by
+//! Available volumes with no `claimRef` are kept per class, then per access-mode set, ordered by
 //! (capacity, name); volumes with a `claimRef` are kept per claim (`namespace/name`). A claim
 //! looks at its own pre-bound volumes and at its class's free volumes in the access-mode sets
 //! that contain its modes, fewest modes first, starting at its request: the first volume that
@@ -64,6 +64,11 @@ fn slot_of(pv: &PersistentVolume) -> Slot {
         .as_ref()
         .and_then(|c| c.get("storage"))
         .and_then(|q| Quantity::parse(&q.0).ok());
+    if pv.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Available") {
+        // Only Available volumes match a claim that does not name them: a scan never wades
+        // through volumes that are still Pending, Released or Failed.
+        return Slot::Unusable;
+    }
     match capacity {
         Some(c) => Slot::Free {
             class: volume_class(pv).to_owned(),

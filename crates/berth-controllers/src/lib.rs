@@ -8,8 +8,9 @@
 //! [`pv_sync`] (claim and volume phases, binding, reclaim), [`protection`] (finalizers),
 //! [`schedule`] (the scheduler's volume binding), [`provision`] (CreateVolume requests and
 //! the PVs they make), [`attach`] (VolumeAttachment names).
-//! Runners: [`pv_controller`], [`provisioner`], [`protection`], over [`informer`]s and [`queue`]s, writing
-//! through [`api::Api`] and recording [`events`].
+//! Runners: [`pv_controller`], [`provisioner`], [`protection`], [`registration`] (this node's
+//! Node, CSINode, CSIDrivers and CSIStorageCapacities), [`scheduler`] (places pods), over
+//! [`informer`]s and [`queue`]s, writing through [`api::Api`] and recording [`events`].
 //! Both, each module its decisions then its runner: [`attacher`] (attach/detach and
 //! external-attacher), [`resizer`] (external-resizer), [`snapshotter`] (snapshot-controller and
 //! csi-snapshotter), with what those sidecars share in [`sidecar`].
@@ -34,8 +35,10 @@ pub mod provisioner;
 pub mod pv_controller;
 pub mod pv_sync;
 pub mod queue;
+pub mod registration;
 pub mod resizer;
 pub mod schedule;
+pub mod scheduler;
 pub mod sidecar;
 pub mod snapshotter;
 

@@ -29,6 +29,9 @@ use crate::queue::{Outcome, Queue};
 /// after its claims, a provisioner that appeared).
 pub const RESYNC: Duration = Duration::from_secs(15);
 
+/// At most this long after a start, claims wait for the volumes' first sync.
+const STARTUP_SETTLE: Duration = Duration::from_secs(10);
+
 /// The runner.
 #[derive(Debug)]
 pub struct PvController {
@@ -186,20 +189,27 @@ impl PvController {
     pub async fn run(self: Arc<Self>, workers: usize, stop: watch::Receiver<bool>) {
         self.inf.wait_synced().await;
         let c = self.clone();
-        let claims = tokio::spawn(self.claims.clone().run(
-            workers,
-            move |key| {
-                let c = c.clone();
-                async move { c.sync_claim(&key).await }
-            },
-            stop.clone(),
-        ));
-        let c = self.clone();
         let volumes = tokio::spawn(self.volumes.clone().run(
             workers,
             move |key| {
                 let c = c.clone();
                 async move { c.sync_volume(&key).await }
+            },
+            stop.clone(),
+        ));
+        // Volumes first: after a start, volumes created while no controller ran are still
+        // Pending; once they are Available, a claim binds in its first sync instead of going
+        // Pending (a write and an event) and waiting to be woken.
+        let settle = std::time::Instant::now() + STARTUP_SETTLE;
+        while !self.volumes.is_idle() && std::time::Instant::now() < settle {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let c = self.clone();
+        let claims = tokio::spawn(self.claims.clone().run(
+            workers,
+            move |key| {
+                let c = c.clone();
+                async move { c.sync_claim(&key).await }
             },
             stop.clone(),
         ));

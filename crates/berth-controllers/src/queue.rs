@@ -106,6 +106,12 @@ impl Queue {
         self.state().failures.get(key).copied().unwrap_or(0)
     }
 
+    /// Whether no key is waiting or being processed.
+    pub fn is_idle(&self) -> bool {
+        let s = self.state();
+        s.queue.is_empty() && s.processing.is_empty()
+    }
+
     /// The number of keys waiting.
     pub fn len(&self) -> usize {
         self.state().queue.len()

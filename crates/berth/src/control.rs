@@ -174,7 +174,7 @@ fn connect_drivers(endpoints: Vec<String>, stop: watch::Receiver<bool>) -> Arc<D
 /// when `stop` turns true.
 pub fn start(objects: Objects, endpoints: Vec<String>, stop: watch::Receiver<bool>) {
     let api: Arc<dyn Api> = Arc::new(LocalApi { objects });
-    let drivers = connect_drivers(endpoints, stop.clone());
+    let drivers = connect_drivers(endpoints.clone(), stop.clone());
     let inf = berth_controllers::Informers::new();
     let events = berth_controllers::events::start(api.clone());
     let pv = berth_controllers::pv_controller::PvController::new(api.clone(), inf.clone(), &events);
@@ -185,11 +185,18 @@ pub fn start(objects: Objects, endpoints: Vec<String>, stop: watch::Receiver<boo
     let resizer = berth_controllers::resizer::Resizer::new(api.clone(), inf.clone(), drivers.clone(), &events);
     let snapshotter =
         berth_controllers::snapshotter::Snapshotter::new(api.clone(), inf.clone(), drivers.clone(), &events);
+    // This host's Node, CSINode, CSIDrivers and capacities, named by the first driver (the
+    // built-in one when the storage roles run); and the scheduler that places pods on it.
+    let registration =
+        berth_controllers::registration::Registration::new(api.clone(), inf.clone(), drivers, None, endpoints);
+    let scheduler = berth_controllers::scheduler::Scheduler::new(api.clone(), inf.clone(), &events);
     inf.start(&api, &stop);
     tokio::spawn(attacher.run(8, stop.clone()));
     tokio::spawn(resizer.run(8, stop.clone()));
     tokio::spawn(snapshotter.run(8, stop.clone()));
     tokio::spawn(provisioner.run(WORKERS, stop.clone()));
+    tokio::spawn(registration.run(stop.clone()));
+    tokio::spawn(scheduler.run(4, stop.clone()));
     tokio::spawn(pv.run(WORKERS, stop.clone()));
     tokio::spawn(protection.run(8, stop));
 }
