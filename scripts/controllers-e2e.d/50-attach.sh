@@ -3,7 +3,8 @@
 # provisioned CSI volume, named as Kubernetes names it, published by ControllerPublishVolume
 # through Berth's driver (finalizers on the attachment and the volume); a second node is refused
 # for a ReadWriteOnce volume; the attachment goes when the pod goes; CSIDriver attachRequired
-# false means no attachment; a publish error lands in status.attachError.
+# false means no attachment and a missing CSIDriver means one; a publish error lands in
+# status.attachError.
 driver=csi.berth.dev
 # The driver reports the host name as its node id (NodeGetInfo); pods on that node are
 # published without a CSINode yet.
@@ -74,37 +75,77 @@ gone "attach: the attachment is deleted (ControllerUnpublishVolume, finalizer of
 expect "attach: delete the claim" 'deleted' k delete pvc att-data --wait=false
 gone "attach: the volume is deleted too (no attachment holds it)" 20 "pv/$pv"
 
-# CSIDriver attachRequired: false -> no attachment.
+# Whether attach is required is the CSIDriver's to say (a missing CSIDriver means it is): two
+# static volumes of drivers this server does not run, one with attachRequired false.
 cat >"$m/att-noattach.yaml" <<YAML
 apiVersion: storage.k8s.io/v1
 kind: CSIDriver
-metadata: {name: $driver}
+metadata: {name: noattach.berth.test}
 spec: {attachRequired: false}
 ---
 apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {name: att-plain, namespace: default}
+kind: PersistentVolume
+metadata: {name: att-noattach}
 spec:
-  storageClassName: att-dir
+  capacity: {storage: 16Mi}
+  accessModes: [ReadWriteOnce]
+  storageClassName: att-foreign
+  persistentVolumeReclaimPolicy: Retain
+  csi: {driver: noattach.berth.test, volumeHandle: h-noattach}
+  claimRef: {namespace: default, name: att-noattach}
+---
+apiVersion: v1
+kind: PersistentVolume
+metadata: {name: att-unknown}
+spec:
+  capacity: {storage: 16Mi}
+  accessModes: [ReadWriteOnce]
+  storageClassName: att-foreign
+  persistentVolumeReclaimPolicy: Retain
+  csi: {driver: unknown.berth.test, volumeHandle: h-unknown}
+  claimRef: {namespace: default, name: att-unknown}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: att-noattach, namespace: default}
+spec:
+  storageClassName: att-foreign
+  accessModes: [ReadWriteOnce]
+  resources: {requests: {storage: 16Mi}}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: att-unknown, namespace: default}
+spec:
+  storageClassName: att-foreign
   accessModes: [ReadWriteOnce]
   resources: {requests: {storage: 16Mi}}
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: att-plain-user, namespace: default}
+metadata: {name: att-foreign-user, namespace: default}
 spec:
   nodeName: $node
   containers: [{name: c, image: busybox}]
-  volumes: [{name: d, persistentVolumeClaim: {claimName: att-plain}}]
+  volumes:
+  - {name: a, persistentVolumeClaim: {claimName: att-noattach}}
+  - {name: b, persistentVolumeClaim: {claimName: att-unknown}}
 YAML
-expect "attach: a CSIDriver with attachRequired false, a claim and a pod" 'att-plain-user created' k apply -f "$m/att-noattach.yaml"
-eventually "attach: that claim is Bound" 20 '^Bound$' jp pvc/att-plain '{.status.phase}'
-plain_pv=$(jp pvc/att-plain '{.spec.volumeName}')
-stays "attach: no attachment for a driver that needs none" 2 '^0$' \
-    bash -c "$KUBECTL get volumeattachments -o jsonpath='{.items[*].spec.source.persistentVolumeName}' | grep -cF '$plain_pv' || true"
-expect "attach: clean up (pod, claim, CSIDriver)" 'deleted' k delete pod att-plain-user
-expect "attach: ... the claim" 'deleted' k delete pvc att-plain --wait=false
-expect "attach: ... the CSIDriver" 'deleted' k delete csidriver "$driver"
+va_unknown=csi-$(printf %s "h-unknownunknown.berth.test$node" | sha256sum | cut -d' ' -f1)
+expect "attach: a CSIDriver with attachRequired false, two foreign volumes and a pod" 'att-foreign-user created' k apply -f "$m/att-noattach.yaml"
+eventually "attach: both claims are Bound" 20 '^Bound Bound$' bash -c "$KUBECTL get pvc att-noattach att-unknown -o jsonpath='{.items[*].status.phase}'"
+eventually "attach: no CSIDriver object means attach is required: an attachment appears" 20 "^unknown.berth.test $node att-unknown\$" \
+    jp "volumeattachment/$va_unknown" '{.spec.attacher} {.spec.nodeName} {.spec.source.persistentVolumeName}'
+stays "attach: ... it stays unattached, without a finalizer: no such driver is registered to attach it" 2 '^(false)? $' \
+    jp "volumeattachment/$va_unknown" '{.status.attached} {.metadata.finalizers}'
+stays "attach: attachRequired false: no attachment" 2 '^0$' \
+    bash -c "$KUBECTL get volumeattachments -o jsonpath='{.items[*].spec.source.persistentVolumeName}' | grep -cw att-noattach || true"
+expect "attach: delete the pod" 'deleted' k delete pod att-foreign-user
+gone "attach: the unattached attachment goes at once" 20 "volumeattachment/$va_unknown"
+expect "attach: clean up the foreign claims" 'deleted' k delete pvc att-noattach att-unknown --wait=false
+expect "attach: ... their volumes" 'deleted' k delete pv att-noattach att-unknown --wait=false
+expect "attach: ... and the CSIDriver" 'deleted' k delete csidriver noattach.berth.test
+gone "attach: the foreign volumes are gone" 20 pv/att-unknown
 
 # A publish error is reported in status.attachError and retried; the attachment still goes.
 cat >"$m/att-bad.yaml" <<YAML
