@@ -108,8 +108,14 @@ impl<T: Typed + Send + Sync + 'static> Informer<T> {
 
     /// Puts a copy this process just wrote into the cache before its watch event arrives, so
     /// the next decision sees it. Older copies than the cached one are ignored.
+    /// A copy whose write completed its deletion (Terminating, last finalizer gone) leaves
+    /// the cache instead: re-adding it would bring back a ghost whose deletion event has passed.
     pub fn assume(&self, v: Value) {
-        self.apply(Event::Modified(v));
+        if crate::sidecar::deleted_by_write(&v) {
+            self.apply(Event::Deleted(v));
+        } else {
+            self.apply(Event::Modified(v));
+        }
     }
 
     fn apply(&self, ev: Event) {

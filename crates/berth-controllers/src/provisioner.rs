@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Secret};
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
 use tokio::sync::watch;
 
 use crate::Informers;
@@ -275,20 +275,10 @@ impl Provisioner {
     }
 
     async fn secret_data(&self, ns: &str, name: &str) -> Result<BTreeMap<String, String>, String> {
-        let v = self
-            .api
-            .get(kinds::secrets(), Some(ns), name)
+        crate::sidecar::load_secret(&*self.api, ns, name)
             .await
-            .map_err(|e| format!("failed to get secret {ns}/{name}: {e}"))?;
-        let s = Secret::from_value(v).map_err(|e| e.to_string())?;
-        let mut out = BTreeMap::new();
-        for (k, b) in s.data.unwrap_or_default() {
-            out.insert(k, String::from_utf8_lossy(&b.0).into_owned());
-        }
-        for (k, v) in s.string_data.unwrap_or_default() {
-            out.insert(k, v);
-        }
-        Ok(out)
+            .map(|m| m.into_iter().collect())
+            .map_err(|e| format!("failed to get secret {ns}/{name}: {e}"))
     }
 
     /// The claim's data source as the driver sees it, checked.
