@@ -530,6 +530,15 @@ impl Provisioner {
         if !should_delete(&pv, &driver.name) {
             return Outcome::Done;
         }
+        let ours = pv
+            .metadata
+            .finalizers
+            .as_ref()
+            .is_some_and(|f| f.iter().any(|x| x == provision::PV_FINALIZER));
+        if pv.metadata.deletion_timestamp.is_some() && !ours {
+            // Deleted already: the backend volume went before our finalizer did.
+            return Outcome::Done;
+        }
         let note = |n: Note| {
             self.events
                 .record(Involved::of("v1", "PersistentVolume", &pv.metadata), n);
