@@ -408,8 +408,10 @@ impl Objects {
         }
     }
 
-    async fn snapshot(&self, res: &Resource) -> Result<Snapshot, ApiError> {
-        let storage_classes = if res.kind == "PersistentVolumeClaim" {
+    /// What admission may look up; `needed` is false when the write cannot use it (only a
+    /// claim's create, and an update that changes its storage request, read the classes).
+    async fn snapshot(&self, res: &Resource, needed: bool) -> Result<Snapshot, ApiError> {
+        let storage_classes = if needed && res.kind == "PersistentVolumeClaim" {
             let sc =
                 berth_api::resources::by_plural("storage.k8s.io", "v1", "storageclasses").ok_or(ApiError::NoRoute)?;
             self.list(sc, None, &ListRequest::default()).await?.items
@@ -488,7 +490,7 @@ impl Objects {
         }
         defaults::apply(res, &mut obj);
         invalid(res, &name, validation::validate_create(res, &obj))?;
-        let lookup = self.snapshot(res).await?;
+        let lookup = self.snapshot(res, true).await?;
         admission::admit(res, Operation::Create, &mut obj, None, &lookup).map_err(|d| denied(res, &name, d))?;
         if let Some(ns) = ns.filter(|_| res.namespaced()) {
             let nsr = berth_api::resources::by_plural("", "v1", "namespaces").ok_or(ApiError::NoRoute)?;
@@ -630,7 +632,8 @@ impl Objects {
         } else {
             Operation::Update
         };
-        let lookup = self.snapshot(res).await?;
+        let request = |v: &Value| v.pointer("/spec/resources/requests/storage").cloned();
+        let lookup = self.snapshot(res, request(&new) != request(&old)).await?;
         admission::admit(res, op, &mut new, Some(&old), &lookup).map_err(|d| denied(res, name, d))?;
         set_meta(&mut new, "resourceVersion", json!(old_rev.to_string()));
         if new == old {

@@ -139,6 +139,10 @@ impl<T: Typed + Send + Sync + 'static> Informer<T> {
             }
             return;
         }
+        if rev != 0 && read(&self.cache).get(&key).is_some_and(|e| e.rev >= rev) {
+            // Already seen (an assumed copy of our own write): skip the decode.
+            return;
+        }
         let obj = match T::from_value(v) {
             Ok(o) => Arc::new(o),
             Err(e) => {

@@ -42,6 +42,8 @@ pub struct PvController {
     volumes: Arc<Queue>,
     events: Recorder,
     waiting: Mutex<Waiting>,
+    /// The CSI drivers this process provisions with, if any.
+    drivers: Option<Arc<crate::drivers::Drivers>>,
 }
 
 /// Unbound claims that found no volume, per class, oldest first: a volume that becomes
@@ -66,7 +68,13 @@ fn pv_involved(v: &PersistentVolume) -> Involved {
 
 impl PvController {
     /// Builds the controller and hooks it to the informers (before they run).
-    pub fn new(api: Arc<dyn Api>, inf: Arc<Informers>, events: &Recorder) -> Arc<Self> {
+    /// `drivers`: the CSI drivers whose provisioner runs in this process.
+    pub fn new(
+        api: Arc<dyn Api>,
+        inf: Arc<Informers>,
+        events: &Recorder,
+        drivers: Option<Arc<crate::drivers::Drivers>>,
+    ) -> Arc<Self> {
         let ctl = Arc::new(PvController {
             api,
             inf: inf.clone(),
@@ -75,6 +83,7 @@ impl PvController {
             volumes: Queue::new("volumes"),
             events: events.for_component("persistentvolume-controller"),
             waiting: Mutex::new(Waiting::default()),
+            drivers,
         });
         let c = ctl.clone();
         inf.pvs.on_change(move |change| match change {
@@ -290,18 +299,22 @@ impl PvController {
     }
 
     async fn hand_to_provisioner(&self, claim: &PersistentVolumeClaim, provisioner: &str) -> Outcome {
-        if let Some(new) = pv_sync::claim_for_provisioner(claim, provisioner) {
-            self.events
-                .record(pvc_involved(claim), pv_sync::external_provisioning_note(provisioner));
-            let out = self.write_claim(new, Part::Main).await;
-            if out != Outcome::Done {
-                return out;
+        let Some(mut new) = pv_sync::claim_for_provisioner(claim, provisioner) else {
+            return self.claim_phase(claim, "Pending").await;
+        };
+        self.events
+            .record(pvc_involved(claim), pv_sync::external_provisioning_note(provisioner));
+        if self.drivers.as_ref().is_some_and(|d| d.get(provisioner).is_some()) {
+            // A provisioner of this process will call CreateVolume next: write the finalizer it
+            // needs first in this same write (see crate::provisioner).
+            let f = new.metadata.finalizers.get_or_insert_with(Vec::new);
+            if !f.iter().any(|x| x == pv_sync::PROVISIONING_FINALIZER) {
+                f.push(pv_sync::PROVISIONING_FINALIZER.into());
             }
         }
-        match self.inf.pvcs.get(&claim_key(claim)) {
-            Some(c) => self.claim_phase(&c, "Pending").await,
-            None => Outcome::Done,
-        }
+        // Annotations and phase in one write.
+        new.status.get_or_insert_with(Default::default).phase = Some("Pending".into());
+        self.write_claim(new, Part::Both).await
     }
 
     async fn write_claim(&self, new: PersistentVolumeClaim, part: Part) -> Outcome {

@@ -177,7 +177,8 @@ pub fn start(objects: Objects, endpoints: Vec<String>, stop: watch::Receiver<boo
     let drivers = connect_drivers(endpoints.clone(), stop.clone());
     let inf = berth_controllers::Informers::new();
     let events = berth_controllers::events::start(api.clone());
-    let pv = berth_controllers::pv_controller::PvController::new(api.clone(), inf.clone(), &events);
+    let pv =
+        berth_controllers::pv_controller::PvController::new(api.clone(), inf.clone(), &events, Some(drivers.clone()));
     let protection = berth_controllers::protection::Protection::new(api.clone(), inf.clone());
     let provisioner =
         berth_controllers::provisioner::Provisioner::new(api.clone(), inf.clone(), drivers.clone(), &events);
