@@ -48,6 +48,25 @@ pub fn validate_update(res: &Resource, new: &Value, old: &Value) -> Vec<FieldErr
     errs
 }
 
+/// Checks a write of spec and status together (an in-process controller's update): the errors of
+/// [`validate_update`] and of [`validate_status_update`], with the object decoded and its
+/// metadata checked once.
+pub fn validate_update_all(res: &Resource, new: &Value, old: &Value) -> Vec<FieldError> {
+    if let Err(errs) = decode_kind(res, new) {
+        return errs;
+    }
+    let mut errs = object_meta(res, new);
+    errs.extend(meta::validate_object_meta_update(new, old));
+    errs.extend(validate_kind(res, new));
+    errs.extend(validate_kind_update(res, new, old));
+    errs.extend(match res.kind {
+        "PersistentVolume" => core::pv_status(new),
+        "PersistentVolumeClaim" => core::pvc_status(new),
+        _ => Vec::new(),
+    });
+    errs
+}
+
 /// Checks an update through the `status` subresource: the metadata rules of an update, and the
 /// status fields' own rules. (The server keeps the old spec on status writes.)
 pub fn validate_status_update(res: &Resource, new: &Value, old: &Value) -> Vec<FieldError> {

@@ -620,11 +620,7 @@ impl Objects {
         let errors = match part {
             Write::Status => validation::validate_status_update(res, &new, &old),
             Write::Main => validation::validate_update(res, &new, &old),
-            Write::Both => {
-                let mut e = validation::validate_update(res, &new, &old);
-                e.extend(validation::validate_status_update(res, &new, &old));
-                e
-            }
+            Write::Both => validation::validate_update_all(res, &new, &old),
         };
         invalid(res, name, errors)?;
         let op = if status {

@@ -15,15 +15,36 @@ use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::api::{Api, ListParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
-fn start(data: &Path) -> Child {
+/// The API alone: the PV controller would move the new PVs to Available, changing the
+/// resourceVersions this test checks; it is about the store's durability.
+/// The server child, killed when dropped: a failing assertion must not leave it running (it
+/// holds the test's stderr, and with it the pipe CI reads).
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(data: &Path) -> Server {
     let _ = std::fs::remove_file(data.join("admin.kubeconfig"));
     Command::new(env!("CARGO_BIN_EXE_berth"))
-        .args(["server", "--api-only", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "server",
+            "--api-only",
+            "--no-controllers",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(data)
         .env("BERTH_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
+        .map(Server)
         .unwrap()
 }
 
@@ -112,8 +133,8 @@ async fn sigkill_loses_no_acknowledged_write() {
         while acked.lock().unwrap().len() < (round + 1) * 300 && start.elapsed() < Duration::from_secs(30) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        child.0.kill().unwrap(); // SIGKILL
+        child.0.wait().unwrap();
         for w in writers {
             let _ = w.await;
         }
@@ -147,6 +168,6 @@ async fn sigkill_loses_no_acknowledged_write() {
         next_rv > floor,
         "a write after restart got {next_rv}, not above {floor}"
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
 }

@@ -634,6 +634,16 @@ mod never_panics {
                 let _ = super::validate_create(r, &new);
                 let _ = super::validate_update(r, &new, &old);
                 let _ = super::validate_status_update(r, &new, &old);
+                // A spec+status write finds what the two separate checks find.
+                let render = |errs: Vec<crate::FieldError>| {
+                    let mut v: Vec<String> = errs.iter().map(ToString::to_string).collect();
+                    v.sort();
+                    v.dedup();
+                    v
+                };
+                let mut separate = super::validate_update(r, &new, &old);
+                separate.extend(super::validate_status_update(r, &new, &old));
+                prop_assert_eq!(render(super::validate_update_all(r, &new, &old)), render(separate));
                 for op in [Operation::Create, Operation::Update, Operation::UpdateStatus] {
                     let mut obj = new.clone();
                     let _ = admission::admit(r, op, &mut obj, Some(&old), &NoClasses);
