@@ -45,25 +45,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-pass() { passed=$((passed + 1)); echo "PASS $1"; }
-fail() {
-    failed=$((failed + 1))
-    echo "FAIL $1"
-    if [[ -s $work/out ]]; then head -n 20 "$work/out" | awk '{ print "    | " $0 }'; fi
-}
-
-# expect NAME REGEX CMD...: CMD succeeds and its output (stdout+stderr) matches REGEX.
-expect() {
-    local name=$1 re=$2
-    shift 2
-    if "$@" >"$work/out" 2>&1 && grep -Eq -- "$re" "$work/out"; then pass "$name"; else fail "$name"; fi
-}
-# expect_fail NAME REGEX CMD...: CMD fails and its output matches REGEX.
-expect_fail() {
-    local name=$1 re=$2
-    shift 2
-    if ! "$@" >"$work/out" 2>&1 && grep -Eq -- "$re" "$work/out"; then pass "$name"; else fail "$name"; fi
-}
+# shellcheck source=scripts/e2e-lib.sh
+source "$root/scripts/e2e-lib.sh"
 # eventually NAME SECONDS REGEX CMD...: CMD's output matches REGEX within SECONDS (polled).
 eventually() {
     local name=$1 secs=$2 re=$3

@@ -44,31 +44,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-pass() { passed=$((passed + 1)); echo "PASS $1"; }
-fail() {
-    failed=$((failed + 1))
-    echo "FAIL $1"
-    if [[ -s $work/out ]]; then head -n 20 "$work/out" | awk '{ print "    | " $0 }'; fi
-}
-
-# expect NAME REGEX CMD...: CMD succeeds and its output (stdout+stderr) matches REGEX.
-expect() {
-    local name=$1 re=$2
-    shift 2
-    if "$@" >"$work/out" 2>&1 && grep -Eq -- "$re" "$work/out"; then pass "$name"; else fail "$name"; fi
-}
-# expect_fail NAME REGEX CMD...: CMD fails and its output matches REGEX.
-expect_fail() {
-    local name=$1 re=$2
-    shift 2
-    if ! "$@" >"$work/out" 2>&1 && grep -Eq -- "$re" "$work/out"; then pass "$name"; else fail "$name"; fi
-}
-# expect_no NAME REGEX CMD...: CMD succeeds and its output does not match REGEX.
-expect_no() {
-    local name=$1 re=$2
-    shift 2
-    if "$@" >"$work/out" 2>&1 && ! grep -Eq -- "$re" "$work/out"; then pass "$name"; else fail "$name"; fi
-}
+# shellcheck source=scripts/e2e-lib.sh
+source "$root/scripts/e2e-lib.sh"
 
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 "$BERTH_BIN" server --api-only --no-controllers --data-dir "$work/data" --listen "127.0.0.1:$port" >"$work/server.log" 2>&1 &

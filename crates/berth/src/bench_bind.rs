@@ -157,36 +157,12 @@ pub fn run(args: BindArgs) -> Result<()> {
         let pid = server.child.id();
         let t = target(&data).await?;
         let up = started.elapsed();
-        let mut conn = t.connect().await?;
-        let req = conn.request(
-            "GET",
-            "/api/v1/persistentvolumeclaims?watch=1",
-            "application/json",
-            Vec::new(),
-        )?;
-        conn.send.ready().await?;
-        let resp = conn.send.send_request(req).await?;
-        let mut body = resp.into_body();
-        let mut buf = Vec::new();
-        let mut bound: HashMap<String, Duration> = HashMap::with_capacity(pairs);
-        let deadline = started + Duration::from_secs(args.timeout);
-        while bound.len() < pairs {
-            let frame = tokio::time::timeout_at(deadline.into(), body.frame())
-                .await
-                .with_context(|| format!("only {} of {pairs} claims Bound after {} s", bound.len(), args.timeout))?;
-            let Some(frame) = frame else { bail!("the watch ended") };
-            let Ok(chunk) = frame?.into_data() else { continue };
-            buf.extend_from_slice(&chunk);
-            while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = buf.drain(..=pos).collect();
-                let v: serde_json::Value = serde_json::from_slice(&line)?;
-                if v["object"]["status"]["phase"] == "Bound"
-                    && let Some(name) = v["object"]["metadata"]["name"].as_str()
-                {
-                    bound.entry(name.to_owned()).or_insert_with(|| started.elapsed());
-                }
-            }
-        }
+        let left = Duration::from_secs(args.timeout).saturating_sub(started.elapsed());
+        let bound: HashMap<String, Duration> = watch_bound(&t, "", pairs, left)
+            .await?
+            .into_iter()
+            .map(|(name, at)| (name, at.saturating_duration_since(started)))
+            .collect();
         let mut h = histogram()?;
         for d in bound.values() {
             h.saturating_record(micros(*d));

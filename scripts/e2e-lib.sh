@@ -1,0 +1,30 @@
+# shellcheck shell=bash
+# Checks shared by the kubectl sessions (scripts/kubectl-e2e.sh, scripts/controllers-e2e.sh).
+# The sourcing script sets `work` (its temp dir) and the counters `passed` and `failed`.
+# shellcheck disable=SC2154 # work is the sourcing script's
+
+pass() { passed=$((passed + 1)); echo "PASS $1"; }
+fail() {
+    failed=$((failed + 1))
+    echo "FAIL $1"
+    if [[ -s $work/out ]]; then head -n 20 "$work/out" | awk '{ print "    | " $0 }'; fi
+}
+
+# expect NAME REGEX CMD...: CMD succeeds and its output (stdout+stderr) matches REGEX.
+expect() {
+    local name=$1 re=$2
+    shift 2
+    if "$@" >"$work/out" 2>&1 && grep -Eq -- "$re" "$work/out"; then pass "$name"; else fail "$name"; fi
+}
+# expect_fail NAME REGEX CMD...: CMD fails and its output matches REGEX.
+expect_fail() {
+    local name=$1 re=$2
+    shift 2
+    if ! "$@" >"$work/out" 2>&1 && grep -Eq -- "$re" "$work/out"; then pass "$name"; else fail "$name"; fi
+}
+# expect_no NAME REGEX CMD...: CMD succeeds and its output does not match REGEX.
+expect_no() {
+    local name=$1 re=$2
+    shift 2
+    if "$@" >"$work/out" 2>&1 && ! grep -Eq -- "$re" "$work/out"; then pass "$name"; else fail "$name"; fi
+}
