@@ -181,17 +181,7 @@ pub fn run(args: BindArgs) -> Result<()> {
             pairs as f64 / last.as_secs_f64().max(1e-6),
             pairs as f64 / binding
         );
-        println!(
-            "time to Bound from the server's start: p50 {} p99 {} max {}",
-            ms(h.value_at_quantile(0.5)),
-            ms(h.value_at_quantile(0.99)),
-            ms(h.max())
-        );
-        println!(
-            "server RSS {} MiB (peak {} MiB)",
-            rss_kib(pid, "VmRSS:")? / 1024,
-            rss_kib(pid, "VmHWM:")? / 1024
-        );
+        print_latency_and_rss("time to Bound from the server's start", &h, pid)?;
 
         // 3. Check the bindings.
         let (code, pvs) = conn_get(&t, "/api/v1/persistentvolumes").await?;
@@ -364,17 +354,7 @@ fn run_dynamic(args: &BindArgs, n: usize) -> Result<()> {
             "all {n} Bound {elapsed:.2} s after the first create: {:.0} provisions/s",
             n as f64 / elapsed
         );
-        println!(
-            "create to Bound: p50 {} p99 {} max {}",
-            ms(h.value_at_quantile(0.5)),
-            ms(h.value_at_quantile(0.99)),
-            ms(h.max())
-        );
-        println!(
-            "server RSS {} MiB (peak {} MiB)",
-            rss_kib(pid, "VmRSS:")? / 1024,
-            rss_kib(pid, "VmHWM:")? / 1024
-        );
+        print_latency_and_rss("create to Bound", &h, pid)?;
         let (code, pvs) = conn_get(&t, "/api/v1/persistentvolumes").await?;
         if code != 200 {
             bail!("listing PVs: HTTP {code}");
@@ -395,4 +375,20 @@ fn run_dynamic(args: &BindArgs, n: usize) -> Result<()> {
     let host = berth_host::LinuxHost::default();
     berth_storage::teardown::teardown(&host, &data).context("tearing down the bench's data dir")?;
     result
+}
+
+/// Prints `label`'s p50/p99/max and the server's RSS.
+fn print_latency_and_rss(label: &str, h: &hdrhistogram::Histogram<u64>, pid: u32) -> Result<()> {
+    println!(
+        "{label}: p50 {} p99 {} max {}",
+        ms(h.value_at_quantile(0.5)),
+        ms(h.value_at_quantile(0.99)),
+        ms(h.max())
+    );
+    println!(
+        "server RSS {} MiB (peak {} MiB)",
+        rss_kib(pid, "VmRSS:")? / 1024,
+        rss_kib(pid, "VmHWM:")? / 1024
+    );
+    Ok(())
 }
