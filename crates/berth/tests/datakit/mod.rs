@@ -73,6 +73,66 @@ pub struct Tracker {
     undo: Vec<Undo>,
 }
 
+/// How long an unmount that the driver calls busy is retried.
+const BUSY_RETRY: Duration = Duration::from_secs(5);
+
+/// Runs `call` again while the driver answers FailedPrecondition for a mount still in use, up to
+/// [`BUSY_RETRY`], printing the processes that hold something beneath `path` each time. A CO
+/// retries such an unmount; a hold that outlasts the retries is the test's failure.
+async fn retry_busy<F, Fut>(path: &Path, mut call: F) -> Result<(), Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), Status>>,
+{
+    let deadline = Instant::now() + BUSY_RETRY;
+    loop {
+        match call().await {
+            Err(s)
+                if s.code() == tonic::Code::FailedPrecondition
+                    && s.message().contains("still in use")
+                    && Instant::now() < deadline =>
+            {
+                eprintln!(
+                    "{} is busy ({}); holders: {:?}; retrying",
+                    path.display(),
+                    s.message(),
+                    holders_of(path)
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Processes whose cwd, root or open files are at or beneath `path`: "pid comm: link".
+pub fn holders_of(path: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return found;
+    };
+    for p in procs.flatten() {
+        let pid = p.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let dir = p.path();
+        let comm = fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let mut links = vec![dir.join("cwd"), dir.join("root")];
+        if let Ok(fds) = fs::read_dir(dir.join("fd")) {
+            links.extend(fds.flatten().map(|f| f.path()));
+        }
+        for l in links {
+            if let Ok(to) = fs::read_link(&l)
+                && to.starts_with(path)
+            {
+                found.push(format!("{pid} {}: {} -> {}", comm.trim(), l.display(), to.display()));
+            }
+        }
+    }
+    found
+}
+
 fn ok<T>(what: &str, r: Result<T, Status>) -> T {
     r.unwrap_or_else(|s| panic!("{what}: {:?}: {}", s.code(), s.message()))
 }
@@ -172,17 +232,14 @@ impl Tracker {
         self.undo.push(Undo::Unpublish(id, target.to_owned()));
     }
 
-    /// NodeUnpublishVolume and NodeUnstageVolume.
+    /// NodeUnpublishVolume and NodeUnstageVolume. A mount that is still busy is retried for a
+    /// few seconds, as kubelet retries it; each busy answer prints who holds the path.
     pub async fn unmount(&mut self, m: &Mounted) {
-        ok(
-            &format!("NodeUnpublishVolume {}", m.volume_id),
-            self.csi.unpublish(&m.volume_id, &m.target).await,
-        );
+        let r = retry_busy(&m.target, || self.csi.unpublish(&m.volume_id, &m.target)).await;
+        ok(&format!("NodeUnpublishVolume {}", m.volume_id), r);
         self.forget(&Undo::Unpublish(m.volume_id.clone(), m.target.clone()));
-        ok(
-            &format!("NodeUnstageVolume {}", m.volume_id),
-            self.csi.unstage(&m.volume_id, &m.staging).await,
-        );
+        let r = retry_busy(&m.staging, || self.csi.unstage(&m.volume_id, &m.staging)).await;
+        ok(&format!("NodeUnstageVolume {}", m.volume_id), r);
         self.forget(&Undo::Unstage(m.volume_id.clone(), m.staging.clone()));
     }
 
