@@ -196,7 +196,14 @@ impl PvController {
 
     /// Runs `workers` claim workers and as many volume workers until `stop`.
     pub async fn run(self: Arc<Self>, workers: usize, stop: watch::Receiver<bool>) {
+        let began = std::time::Instant::now();
         self.inf.wait_synced().await;
+        tracing::info!(
+            after = ?began.elapsed(),
+            volumes = self.inf.pvs.len(),
+            claims = self.inf.pvcs.len(),
+            "pv controller: caches synced; syncing volumes first"
+        );
         let c = self.clone();
         let volumes = tokio::spawn(self.volumes.clone().run(
             workers,
@@ -213,6 +220,7 @@ impl PvController {
         while !self.volumes.is_idle() && std::time::Instant::now() < settle {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        tracing::info!(after = ?began.elapsed(), "pv controller: volumes synced; syncing claims");
         let c = self.clone();
         let claims = tokio::spawn(self.claims.clone().run(
             workers,

@@ -1,12 +1,15 @@
 //! The durable record of every volume, staging and publish: Berth's memory across crashes.
 //!
-//! One redb database per data dir. Every mutation is its own write transaction, committed with
-//! redb's immediate durability (fsync) before the caller answers its client. redb holds an
-//! exclusive lock on the file, which makes a data dir single-owner. Values are JSON so records
-//! stay readable and can grow fields without a migration.
+//! One redb database per data dir. Every mutation is durable (redb's immediate durability, an
+//! fsync) before its caller answers its client. Mutations that arrive while a commit is under way
+//! are committed together in the next transaction (group commit): the first caller to find no
+//! commit running commits everything queued, and each caller returns once its own change is on
+//! disk. redb holds an exclusive lock on the file, which makes a data dir single-owner. Values
+//! are JSON so records stay readable and can grow fields without a migration.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -33,6 +36,8 @@ pub enum JournalError {
         #[source]
         source: Box<redb::Error>,
     },
+    #[error("journal {path}: the commit that carried this change was interrupted")]
+    Interrupted { path: PathBuf },
     #[error("journal record {key}: {source}")]
     Decode {
         key: String,
@@ -159,6 +164,131 @@ pub struct Records {
 pub struct Journal {
     db: redb::Database,
     path: PathBuf,
+    group: Group,
+}
+
+/// One record written or removed; a mutation is a list of these, applied atomically.
+#[derive(Debug)]
+enum Change {
+    Put(Table, String, Vec<u8>),
+    Remove(Table, String),
+    PutPair(PairTable, String, String, Vec<u8>),
+    RemovePair(PairTable, String, String),
+    Retire(String, u64),
+    Unretire(String, u64),
+}
+
+/// The tables keyed by one string.
+#[derive(Clone, Copy, Debug)]
+enum Table {
+    Volumes,
+    Stages,
+    Snapshots,
+    Groups,
+}
+
+/// The tables keyed by two strings.
+#[derive(Clone, Copy, Debug)]
+enum PairTable {
+    Publishes,
+    Attachments,
+}
+
+impl Table {
+    fn def(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
+        match self {
+            Table::Volumes => VOLUMES,
+            Table::Stages => STAGES,
+            Table::Snapshots => SNAPSHOTS,
+            Table::Groups => GROUPS,
+        }
+    }
+}
+
+impl PairTable {
+    fn def(self) -> TableDefinition<'static, (&'static str, &'static str), &'static [u8]> {
+        match self {
+            PairTable::Publishes => PUBLISHES,
+            PairTable::Attachments => ATTACHMENTS,
+        }
+    }
+}
+
+fn apply(txn: &redb::WriteTransaction, changes: &[Change]) -> Result<(), redb::Error> {
+    for c in changes {
+        match c {
+            Change::Put(t, k, v) => {
+                txn.open_table(t.def())?.insert(k.as_str(), v.as_slice())?;
+            }
+            Change::Remove(t, k) => {
+                txn.open_table(t.def())?.remove(k.as_str())?;
+            }
+            Change::PutPair(t, a, b, v) => {
+                txn.open_table(t.def())?
+                    .insert((a.as_str(), b.as_str()), v.as_slice())?;
+            }
+            Change::RemovePair(t, a, b) => {
+                txn.open_table(t.def())?.remove((a.as_str(), b.as_str()))?;
+            }
+            Change::Retire(pool, id) => {
+                txn.open_table(RETIRED_QGROUPS)?.insert((pool.as_str(), *id), ())?;
+            }
+            Change::Unretire(pool, id) => {
+                txn.open_table(RETIRED_QGROUPS)?.remove((pool.as_str(), *id))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The group commit's shared state.
+#[derive(Debug, Default)]
+struct Group {
+    state: Mutex<GroupState>,
+    /// Signalled after every commit.
+    committed: Condvar,
+    /// Transactions committed so far.
+    commits: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct GroupState {
+    next_ticket: u64,
+    /// Mutations waiting for the next commit, by ticket.
+    queue: Vec<(u64, Vec<Change>)>,
+    /// Whether a caller is committing now.
+    committing: bool,
+    /// Outcomes not yet collected by their callers.
+    done: HashMap<u64, Result<(), JournalError>>,
+}
+
+/// Held by the caller that commits; if the commit panics, its drop hands the turn on so that
+/// the callers waiting do not wait forever.
+struct Leader<'a> {
+    group: &'a Group,
+    path: &'a Path,
+    tickets: Vec<u64>,
+}
+
+impl Drop for Leader<'_> {
+    fn drop(&mut self) {
+        let mut st = lock_group(&self.group.state);
+        for t in self.tickets.drain(..) {
+            st.done.insert(
+                t,
+                Err(JournalError::Interrupted {
+                    path: self.path.to_owned(),
+                }),
+            );
+        }
+        st.committing = false;
+        self.group.committed.notify_all();
+    }
+}
+
+fn lock_group(m: &Mutex<GroupState>) -> MutexGuard<'_, GroupState> {
+    // The state stays consistent across a panic (every update is a single assignment).
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Journal {
@@ -168,9 +298,11 @@ impl Journal {
         let journal = Journal {
             db,
             path: path.to_owned(),
+            group: Group::default(),
         };
         // Create the tables so read transactions find them.
-        journal.write(|txn| {
+        let create = || -> Result<(), redb::Error> {
+            let txn = journal.db.begin_write()?;
             txn.open_table(VOLUMES)?;
             txn.open_table(STAGES)?;
             txn.open_table(PUBLISHES)?;
@@ -178,8 +310,10 @@ impl Journal {
             txn.open_table(SNAPSHOTS)?;
             txn.open_table(GROUPS)?;
             txn.open_table(ATTACHMENTS)?;
+            txn.commit()?;
             Ok(())
-        })?;
+        };
+        create().map_err(|e| journal.err(e))?;
         Ok(journal)
     }
 
@@ -237,133 +371,167 @@ impl Journal {
     }
 
     pub fn put_snapshot(&self, rec: &SnapshotRecord) -> Result<(), JournalError> {
-        let value = encode(rec);
-        self.write(|txn| {
-            txn.open_table(SNAPSHOTS)?.insert(rec.id.as_str(), value.as_slice())?;
-            Ok(())
-        })
+        self.commit(vec![Change::Put(Table::Snapshots, rec.id.to_string(), encode(rec))])
     }
 
     /// Removes a snapshot's record, retiring its qgroup in the same transaction if needed.
     pub fn delete_snapshot(&self, id: &VolumeId, retire: Option<(&str, u64)>) -> Result<(), JournalError> {
-        self.write(|txn| {
-            txn.open_table(SNAPSHOTS)?.remove(id.as_str())?;
-            if let Some(q) = retire {
-                txn.open_table(RETIRED_QGROUPS)?.insert(q, ())?;
-            }
-            Ok(())
-        })
+        let mut changes = vec![Change::Remove(Table::Snapshots, id.to_string())];
+        changes.extend(retire.map(|(pool, q)| Change::Retire(pool.to_owned(), q)));
+        self.commit(changes)
     }
 
     /// Commits a group snapshot and its member snapshots in one transaction.
     pub fn put_group(&self, group: &GroupRecord, members: &[SnapshotRecord]) -> Result<(), JournalError> {
-        let value = encode(group);
-        let members: Vec<(String, Vec<u8>)> = members.iter().map(|m| (m.id.to_string(), encode(m))).collect();
-        self.write(|txn| {
-            txn.open_table(GROUPS)?.insert(group.id.as_str(), value.as_slice())?;
-            let mut snaps = txn.open_table(SNAPSHOTS)?;
-            for (id, v) in &members {
-                snaps.insert(id.as_str(), v.as_slice())?;
-            }
-            Ok(())
-        })
+        let mut changes = vec![Change::Put(Table::Groups, group.id.to_string(), encode(group))];
+        changes.extend(
+            members
+                .iter()
+                .map(|m| Change::Put(Table::Snapshots, m.id.to_string(), encode(m))),
+        );
+        self.commit(changes)
     }
 
     pub fn delete_group(&self, id: &VolumeId) -> Result<(), JournalError> {
-        self.write(|txn| {
-            txn.open_table(GROUPS)?.remove(id.as_str())?;
-            Ok(())
-        })
+        self.commit(vec![Change::Remove(Table::Groups, id.to_string())])
     }
 
     pub fn put_attachment(&self, rec: &AttachmentRecord) -> Result<(), JournalError> {
-        let value = encode(rec);
-        self.write(|txn| {
-            txn.open_table(ATTACHMENTS)?
-                .insert((rec.volume_id.as_str(), rec.node_id.as_str()), value.as_slice())?;
-            Ok(())
-        })
+        self.commit(vec![Change::PutPair(
+            PairTable::Attachments,
+            rec.volume_id.to_string(),
+            rec.node_id.clone(),
+            encode(rec),
+        )])
     }
 
     pub fn delete_attachment(&self, id: &VolumeId, node: &str) -> Result<(), JournalError> {
-        self.write(|txn| {
-            txn.open_table(ATTACHMENTS)?.remove((id.as_str(), node))?;
-            Ok(())
-        })
+        self.commit(vec![Change::RemovePair(
+            PairTable::Attachments,
+            id.to_string(),
+            node.to_owned(),
+        )])
     }
 
     pub fn put_volume(&self, rec: &VolumeRecord) -> Result<(), JournalError> {
-        let value = encode(rec);
-        self.write(|txn| {
-            txn.open_table(VOLUMES)?.insert(rec.id.as_str(), value.as_slice())?;
-            Ok(())
-        })
+        self.commit(vec![Change::Put(Table::Volumes, rec.id.to_string(), encode(rec))])
     }
 
     /// Removes a volume's record, and in the same transaction retires its qgroup if the kernel
     /// still holds it.
     pub fn delete_volume(&self, id: &VolumeId, retire: Option<(&str, u64)>) -> Result<(), JournalError> {
-        self.write(|txn| {
-            txn.open_table(VOLUMES)?.remove(id.as_str())?;
-            if let Some(q) = retire {
-                txn.open_table(RETIRED_QGROUPS)?.insert(q, ())?;
-            }
-            Ok(())
-        })
+        let mut changes = vec![Change::Remove(Table::Volumes, id.to_string())];
+        changes.extend(retire.map(|(pool, q)| Change::Retire(pool.to_owned(), q)));
+        self.commit(changes)
     }
 
     pub fn retire_qgroup(&self, pool: &str, subvolume_id: u64) -> Result<(), JournalError> {
-        self.write(|txn| {
-            txn.open_table(RETIRED_QGROUPS)?.insert((pool, subvolume_id), ())?;
-            Ok(())
-        })
+        self.commit(vec![Change::Retire(pool.to_owned(), subvolume_id)])
     }
 
     pub fn forget_retired_qgroup(&self, pool: &str, subvolume_id: u64) -> Result<(), JournalError> {
-        self.write(|txn| {
-            txn.open_table(RETIRED_QGROUPS)?.remove((pool, subvolume_id))?;
-            Ok(())
-        })
+        self.commit(vec![Change::Unretire(pool.to_owned(), subvolume_id)])
     }
 
     pub fn put_stage(&self, rec: &StageRecord) -> Result<(), JournalError> {
-        let value = encode(rec);
-        self.write(|txn| {
-            txn.open_table(STAGES)?
-                .insert(rec.volume_id.as_str(), value.as_slice())?;
-            Ok(())
-        })
+        self.commit(vec![Change::Put(Table::Stages, rec.volume_id.to_string(), encode(rec))])
     }
 
     pub fn delete_stage(&self, id: &VolumeId) -> Result<(), JournalError> {
-        self.write(|txn| {
-            txn.open_table(STAGES)?.remove(id.as_str())?;
-            Ok(())
-        })
+        self.commit(vec![Change::Remove(Table::Stages, id.to_string())])
     }
 
     pub fn put_publish(&self, rec: &PublishRecord) -> Result<(), JournalError> {
-        let value = encode(rec);
-        let target = path_key(&rec.target_path);
-        self.write(|txn| {
-            txn.open_table(PUBLISHES)?
-                .insert((rec.volume_id.as_str(), target.as_str()), value.as_slice())?;
-            Ok(())
-        })
+        self.commit(vec![Change::PutPair(
+            PairTable::Publishes,
+            rec.volume_id.to_string(),
+            path_key(&rec.target_path),
+            encode(rec),
+        )])
     }
 
     pub fn delete_publish(&self, id: &VolumeId, target: &Path) -> Result<(), JournalError> {
-        let target = path_key(target);
-        self.write(|txn| {
-            txn.open_table(PUBLISHES)?.remove((id.as_str(), target.as_str()))?;
-            Ok(())
-        })
+        self.commit(vec![Change::RemovePair(
+            PairTable::Publishes,
+            id.to_string(),
+            path_key(target),
+        )])
     }
 
-    fn write(&self, f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>) -> Result<(), JournalError> {
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
-        f(&txn).map_err(|e| self.err(e))?;
-        txn.commit().map_err(|e| self.err(e))
+    /// Group commits made since the journal was opened (each may carry many mutations).
+    pub fn commits(&self) -> u64 {
+        self.group.commits.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Makes `changes` durable, atomically, together with whatever other callers queued
+    /// meanwhile; returns once they are on disk (or failed).
+    fn commit(&self, changes: Vec<Change>) -> Result<(), JournalError> {
+        let mut st = lock_group(&self.group.state);
+        let ticket = st.next_ticket;
+        st.next_ticket += 1;
+        st.queue.push((ticket, changes));
+        loop {
+            if let Some(outcome) = st.done.remove(&ticket) {
+                return outcome;
+            }
+            if st.committing {
+                st = self.group.committed.wait(st).unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            // No commit is running: this caller commits everything queued (its own change is
+            // among it unless an earlier commit took it, and then its outcome is in `done`).
+            st.committing = true;
+            let batch = std::mem::take(&mut st.queue);
+            drop(st);
+            let leader = Leader {
+                group: &self.group,
+                path: &self.path,
+                tickets: batch.iter().map(|(t, _)| *t).collect(),
+            };
+            let outcomes = self.commit_batch(batch);
+            st = lock_group(&self.group.state);
+            st.done.extend(outcomes);
+            st.committing = false;
+            self.group.committed.notify_all();
+            // Handed on above, with the outcomes in place.
+            std::mem::forget(leader);
+        }
+    }
+
+    /// One transaction for the whole batch. If it fails, each mutation is tried again in a
+    /// transaction of its own, so that one bad change cannot fail the others.
+    fn commit_batch(&self, batch: Vec<(u64, Vec<Change>)>) -> Vec<(u64, Result<(), JournalError>)> {
+        if batch.is_empty() {
+            return Vec::new();
+        }
+        let together = || -> Result<(), redb::Error> {
+            let txn = self.db.begin_write()?;
+            for (_, changes) in &batch {
+                if let Err(e) = apply(&txn, changes) {
+                    let _ = txn.abort();
+                    return Err(e);
+                }
+            }
+            txn.commit()?;
+            self.group.commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        };
+        match together() {
+            Ok(()) => batch.into_iter().map(|(t, _)| (t, Ok(()))).collect(),
+            Err(e) if batch.len() == 1 => vec![(batch[0].0, Err(self.err(e)))],
+            Err(_) => batch
+                .into_iter()
+                .map(|(t, changes)| {
+                    let alone = || -> Result<(), redb::Error> {
+                        let txn = self.db.begin_write()?;
+                        apply(&txn, &changes)?;
+                        txn.commit()?;
+                        Ok(())
+                    };
+                    (t, alone().map_err(|e| self.err(e)))
+                })
+                .collect(),
+        }
     }
 
     fn err(&self, e: impl Into<redb::Error>) -> JournalError {
@@ -459,6 +627,52 @@ mod tests {
         j.delete_volume(&id, None).unwrap();
         j.forget_retired_qgroup("default", 300).unwrap();
         assert_eq!(j.load().unwrap(), Records::default());
+    }
+
+    /// Parallel callers (which share commits) each get their record made durable.
+    #[test]
+    fn parallel_mutations_are_all_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.redb");
+        const THREADS: usize = 16;
+        const EACH: usize = 40;
+        let ids: Vec<Vec<VolumeId>> = (0..THREADS)
+            .map(|_| (0..EACH).map(|_| VolumeId::generate().unwrap()).collect())
+            .collect();
+        let commits = {
+            let j = Journal::open(&path).unwrap();
+            std::thread::scope(|s| {
+                for (t, mine) in ids.iter().enumerate() {
+                    let j = &j;
+                    s.spawn(move || {
+                        for (i, id) in mine.iter().enumerate() {
+                            j.put_stage(&StageRecord {
+                                volume_id: id.clone(),
+                                staging_path: format!("/stage/{t}/{i}").into(),
+                                capability: cap(),
+                            })
+                            .unwrap();
+                            if i % 2 == 1 {
+                                j.delete_stage(id).unwrap();
+                            }
+                        }
+                    });
+                }
+            });
+            j.commits()
+        };
+        let writes = (THREADS * EACH * 3 / 2) as u64;
+        assert!(
+            commits >= 1 && commits <= writes,
+            "{commits} commits for {writes} writes"
+        );
+        eprintln!("{writes} mutations from {THREADS} threads in {commits} commits");
+        let r = Journal::open(&path).unwrap().load().unwrap();
+        let kept: Vec<&VolumeId> = ids.iter().flat_map(|m| m.iter().step_by(2)).collect();
+        assert_eq!(r.stages.len(), kept.len());
+        for id in kept {
+            assert!(r.stages.contains_key(id), "stage of {id:?} lost");
+        }
     }
 
     #[test]

@@ -179,7 +179,11 @@ pub(crate) fn start_server_with(data: &Path, flags: &[&str]) -> Result<Server> {
         .args(flags)
         .args(["--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data)
-        .env("BERTH_LOG", "warn")
+        // BERTH_SERVER_LOG shows the server's own log during a benchmark.
+        .env(
+            "BERTH_LOG",
+            std::env::var("BERTH_SERVER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
