@@ -173,14 +173,23 @@ pub fn decode_kind(res: &Resource, obj: &Value) -> Result<(), Vec<FieldError>> {
         ]);
     }
     // The typed forms insist on apiVersion, kind and metadata; the server owns those, so they are
-    // supplied here when missing rather than reported.
-    let mut v = obj.clone();
-    if let Some(m) = v.as_object_mut() {
-        m.entry("apiVersion")
-            .or_insert_with(|| Value::String(res.api_version()));
-        m.entry("kind").or_insert_with(|| Value::String(res.kind.to_owned()));
-        m.entry("metadata").or_insert_with(|| Value::Object(Default::default()));
-    }
+    // supplied here when missing rather than reported. Stored objects have all three, so the
+    // copy is only made for the rare body that lacks one.
+    let complete = ["apiVersion", "kind", "metadata"].iter().all(|k| obj.get(k).is_some());
+    let filled;
+    let v = if complete {
+        obj
+    } else {
+        let mut c = obj.clone();
+        if let Some(m) = c.as_object_mut() {
+            m.entry("apiVersion")
+                .or_insert_with(|| Value::String(res.api_version()));
+            m.entry("kind").or_insert_with(|| Value::String(res.kind.to_owned()));
+            m.entry("metadata").or_insert_with(|| Value::Object(Default::default()));
+        }
+        filled = c;
+        &filled
+    };
     match res.kind {
         "PersistentVolume" => decode::<core::PersistentVolume>(v),
         "PersistentVolumeClaim" => decode::<core::PersistentVolumeClaim>(v),
@@ -274,7 +283,7 @@ fn missing_keys(given: &Value, known: &Value, path: String, out: &mut Vec<String
 }
 
 /// Deserializes `v` into `T`, turning a serde error into one `FieldError` at its path.
-pub(crate) fn decode<T: DeserializeOwned>(v: Value) -> Result<(), Vec<FieldError>> {
+pub(crate) fn decode<T: DeserializeOwned>(v: &Value) -> Result<(), Vec<FieldError>> {
     match serde_path_to_error::deserialize::<_, T>(v) {
         Ok(_) => Ok(()),
         Err(e) => {

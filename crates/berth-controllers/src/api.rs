@@ -50,11 +50,31 @@ pub enum Part {
 
 /// A change seen by a watch: the object as it is (or was, for a deletion), resourceVersion
 /// stamped.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub enum Event {
     Added(Value),
     Modified(Value),
     Deleted(Value),
+    /// Added or modified, decoded only if the receiver does not already hold this revision
+    /// (most events of a busy controller are its own writes, which it already holds).
+    Changed(Lazy),
+}
+
+/// An object known by its cache key (`namespace/name` or `name`) and revision, whose body is
+/// decoded on demand.
+pub struct Lazy {
+    pub key: String,
+    pub revision: u64,
+    pub decode: Box<dyn FnOnce() -> Result<Value, ApiError> + Send>,
+}
+
+impl fmt::Debug for Lazy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lazy")
+            .field("key", &self.key)
+            .field("revision", &self.revision)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A stream of watch events. An `Err` ends it ([`ApiError::Gone`]: list again).

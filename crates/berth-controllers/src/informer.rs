@@ -122,6 +122,19 @@ impl<T: Typed + Send + Sync + 'static> Informer<T> {
         let (deleted, v) = match ev {
             Event::Added(v) | Event::Modified(v) => (false, v),
             Event::Deleted(v) => (true, v),
+            Event::Changed(lazy) => {
+                if lazy.revision != 0 && read(&self.cache).get(&lazy.key).is_some_and(|e| e.rev >= lazy.revision) {
+                    // Already held (an assumed copy of our own write): not even parsed.
+                    return;
+                }
+                match (lazy.decode)() {
+                    Ok(v) => (false, v),
+                    Err(e) => {
+                        tracing::warn!(kind = self.res.kind, key = %lazy.key, error = %e, "skipping an object that does not decode");
+                        return;
+                    }
+                }
+            }
         };
         let key = object_key(&v);
         let rev = revision_of(&v);

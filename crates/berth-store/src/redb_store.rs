@@ -358,9 +358,17 @@ fn write_object(
     create: bool,
     rev: u64,
 ) -> Result<Result<WatchEvent>, redb::Error> {
+    // The old value is copied out only for a deletion, whose event carries it.
     let current = t.objects.get(key)?.map(|g| {
         let (mod_rev, old) = g.value();
-        (mod_rev, Bytes::copy_from_slice(old))
+        (
+            mod_rev,
+            if value.is_none() {
+                Bytes::copy_from_slice(old)
+            } else {
+                Bytes::new()
+            },
+        )
     });
     let (kind, stored) = match (current, value) {
         (Some(_), _) if create => {

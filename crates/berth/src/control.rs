@@ -8,7 +8,7 @@ use berth_api::Resource;
 use berth_apiserver::decode::DeleteOptions;
 use berth_apiserver::error::ApiError as ServerError;
 use berth_apiserver::objects::{ListRequest, Objects, prefix, stamped};
-use berth_controllers::api::{Api, ApiError, Event, EventStream, Part};
+use berth_controllers::api::{Api, ApiError, Event, EventStream, Lazy, Part};
 use berth_controllers::drivers::{Driver, Drivers};
 use berth_store::{StoreError, WatchEvent};
 use serde_json::Value;
@@ -59,10 +59,11 @@ impl Api for LocalApi {
     }
 
     async fn watch(&self, res: &'static Resource, revision: u64) -> Result<EventStream, ApiError> {
+        let collection = prefix(res, None);
         let mut w = self
             .objects
             .store
-            .watch(&prefix(res, None), revision)
+            .watch(&collection, revision)
             .await
             .map_err(store_error)?;
         let (tx, rx) = mpsc::channel(1024);
@@ -71,10 +72,16 @@ impl Api for LocalApi {
                 let out = match ev {
                     Err(e) => Err(store_error(e)),
                     Ok(WatchEvent::Bookmark(_)) => continue,
-                    Ok(WatchEvent::Added(o)) => stamped(&o.value, o.mod_revision).map(Event::Added).map_err(convert),
-                    Ok(WatchEvent::Modified(o)) => {
-                        stamped(&o.value, o.mod_revision).map(Event::Modified).map_err(convert)
-                    }
+                    // The store key is the collection's prefix, then `namespace/name` or
+                    // `name`: the informers' key.
+                    Ok(WatchEvent::Added(o) | WatchEvent::Modified(o)) => match o.key.strip_prefix(&collection) {
+                        Some(key) => Ok(Event::Changed(Lazy {
+                            key: key.to_owned(),
+                            revision: o.mod_revision,
+                            decode: Box::new(move || stamped(&o.value, o.mod_revision).map_err(convert)),
+                        })),
+                        None => stamped(&o.value, o.mod_revision).map(Event::Modified).map_err(convert),
+                    },
                     Ok(WatchEvent::Deleted(o)) => {
                         stamped(&o.value, o.mod_revision).map(Event::Deleted).map_err(convert)
                     }
