@@ -228,6 +228,7 @@ fn init_tables(db: &Database) -> Result<(u64, u64), redb::Error> {
 
 fn run_writer(shared: &Shared, mut rx: mpsc::Receiver<Request>, max_batch: usize) {
     let mut batch = Vec::with_capacity(max_batch);
+    let mut stats = WriterStats::default();
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
         while batch.len() < max_batch {
@@ -236,9 +237,37 @@ fn run_writer(shared: &Shared, mut rx: mpsc::Receiver<Request>, max_batch: usize
                 Err(_) => break,
             }
         }
+        stats.record(batch.len());
         commit_batch(shared, &mut batch);
     }
     tracing::debug!("store writer stopped");
+}
+
+/// Commits and the writes they carried, logged (debug) every few seconds while writes come.
+#[derive(Default)]
+struct WriterStats {
+    since: Option<std::time::Instant>,
+    commits: u64,
+    writes: u64,
+}
+
+impl WriterStats {
+    const EVERY: Duration = Duration::from_secs(1);
+
+    fn record(&mut self, writes: usize) {
+        let since = *self.since.get_or_insert_with(std::time::Instant::now);
+        self.commits += 1;
+        self.writes += writes as u64;
+        if since.elapsed() >= Self::EVERY {
+            tracing::debug!(
+                commits = self.commits,
+                writes = self.writes,
+                per_commit = self.writes as f64 / self.commits as f64,
+                "store writer"
+            );
+            *self = WriterStats::default();
+        }
+    }
 }
 
 /// What a committed batch changed.
