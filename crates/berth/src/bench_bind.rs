@@ -16,7 +16,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use http_body_util::BodyExt as _;
 
 use crate::bench_api::{create_many, histogram, micros, ms, rss_kib, start_server_with, target};
@@ -181,7 +181,7 @@ pub fn run(args: BindArgs) -> Result<()> {
             pairs as f64 / last.as_secs_f64().max(1e-6),
             pairs as f64 / binding
         );
-        print_latency_and_rss("time to Bound from the server's start", &h, pid)?;
+        print_latency_and_rss("time to Bound from the server's start", &h, pid, pairs)?;
 
         // 3. Check the bindings.
         let (code, pvs) = conn_get(&t, "/api/v1/persistentvolumes").await?;
@@ -354,7 +354,7 @@ fn run_dynamic(args: &BindArgs, n: usize) -> Result<()> {
             "all {n} Bound {elapsed:.2} s after the first create: {:.0} provisions/s",
             n as f64 / elapsed
         );
-        print_latency_and_rss("create to Bound", &h, pid)?;
+        print_latency_and_rss("create to Bound", &h, pid, n)?;
         let (code, pvs) = conn_get(&t, "/api/v1/persistentvolumes").await?;
         if code != 200 {
             bail!("listing PVs: HTTP {code}");
@@ -377,8 +377,10 @@ fn run_dynamic(args: &BindArgs, n: usize) -> Result<()> {
     result
 }
 
-/// Prints `label`'s p50/p99/max and the server's RSS.
-fn print_latency_and_rss(label: &str, h: &hdrhistogram::Histogram<u64>, pid: u32) -> Result<()> {
+/// Prints `label`'s p50/p99/max, the server's RSS, and the CPU time it has used since its start
+/// (in all and per one of `items`): on a shared VM whose speed drifts, the CPU per item varies
+/// less than the wall-clock figures.
+fn print_latency_and_rss(label: &str, h: &hdrhistogram::Histogram<u64>, pid: u32, items: usize) -> Result<()> {
     println!(
         "{label}: p50 {} p99 {} max {}",
         ms(h.value_at_quantile(0.5)),
@@ -390,5 +392,30 @@ fn print_latency_and_rss(label: &str, h: &hdrhistogram::Histogram<u64>, pid: u32
         rss_kib(pid, "VmRSS:")? / 1024,
         rss_kib(pid, "VmHWM:")? / 1024
     );
+    let cpu = cpu_seconds(pid)?;
+    println!(
+        "server CPU {cpu:.2} s since its start (user+system), {:.0} µs per item",
+        cpu * 1e6 / items.max(1) as f64
+    );
     Ok(())
+}
+
+/// User plus system CPU time of process `pid`, from `/proc/PID/stat`.
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start at field 3, the state.
+    let rest = stat
+        .rsplit_once(") ")
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow!("malformed /proc/{pid}/stat"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<u64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(|| anyhow!("no CPU time in /proc/{pid}/stat"))
+    };
+    // utime and stime are fields 14 and 15, so 11 and 12 after the state.
+    let hz = rustix::param::clock_ticks_per_second() as f64;
+    Ok((ticks(11)? + ticks(12)?) as f64 / hz)
 }
