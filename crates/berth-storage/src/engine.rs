@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use berth_host::{
     FileSystem, HostError, HostOps, LoopDevice, LoopOptions, MountRequest, MountSource, TargetKind, magic,
@@ -113,6 +113,10 @@ pub struct CreateRequestOrigin {
 
 /// The name of the pool Berth makes under its data dir.
 pub const DEFAULT_POOL: &str = "default";
+
+/// A busy unmount is tried again after 5, 10, 20, 40 and 80 ms (155 ms in all), then refused.
+const BUSY_FIRST_DELAY: Duration = Duration::from_millis(5);
+const BUSY_LAST_DELAY: Duration = Duration::from_millis(80);
 
 /// Usage of a volume as NodeGetVolumeStats reports it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -998,7 +1002,7 @@ impl Engine {
     /// Unmounts every mount stacked at `path`.
     fn unmount_all(&self, path: &Path) -> Result<()> {
         for _ in 0..16 {
-            if self.host.unmount(path)? == berth_host::Unmounted::NotMounted {
+            if self.unmount_when_free(path)? == berth_host::Unmounted::NotMounted {
                 return Ok(());
             }
         }
@@ -1006,6 +1010,24 @@ impl Engine {
             "{} still has mounts stacked on it after 16 unmounts",
             path.display()
         )))
+    }
+
+    /// One unmount, tried again for a moment while the kernel says the mount is busy. A hold
+    /// that short is usually a child process between its fork and its exec, which has a copy of
+    /// a descriptor opened beneath the mount; a real user of the volume outlasts the retries and
+    /// gets the error (FailedPrecondition), which the CO retries.
+    fn unmount_when_free(&self, path: &Path) -> Result<berth_host::Unmounted> {
+        let mut delay = BUSY_FIRST_DELAY;
+        loop {
+            match self.host.unmount(path) {
+                Err(e) if e.errno() == Some(libc::EBUSY) && delay <= BUSY_LAST_DELAY => {
+                    tracing::debug!(path = %path.display(), ?delay, "mount busy; trying again");
+                    std::thread::sleep(delay);
+                    delay *= 2;
+                }
+                r => return Ok(r?),
+            }
+        }
     }
 
     /// NodePublishVolume.

@@ -1421,6 +1421,37 @@ fn a_vanished_staging_path_leaves_no_mounts_behind(#[case] kind: Kind) {
     assert_eq!(env.mount_table(), base_mounts, "mounts left that no record owns");
 }
 
+/// A mount busy for a moment (a child between fork and exec holding a copy of a descriptor) is
+/// unmounted on a retry; one that stays busy is refused as FailedPrecondition and stays
+/// published, so that the CO's retry finds it.
+#[test]
+fn unpublish_retries_a_briefly_busy_mount_and_refuses_a_busy_one() {
+    let env = Env::new();
+    let engine = env.open();
+    let v = create(&engine, "v", Kind::Dir);
+    engine.stage(v.id.as_str(), Path::new(S1), cap(Kind::Dir)).unwrap();
+    engine
+        .publish(v.id.as_str(), Path::new(T1), Path::new(S1), cap(Kind::Dir), false)
+        .unwrap();
+    for _ in 0..6 {
+        env.host.fail_next("unmount", libc::EBUSY);
+    }
+    let r = engine.unpublish(v.id.as_str(), Path::new(T1));
+    // (The CSI layer answers this error FailedPrecondition, "still in use".)
+    assert!(
+        matches!(&r, Err(EngineError::Host(e)) if e.errno() == Some(libc::EBUSY)),
+        "{r:?}"
+    );
+    assert_eq!(engine.published_targets(&v.id), vec![p(T1)]);
+    // Busy twice, then free: the same call succeeds.
+    env.host.fail_next("unmount", libc::EBUSY);
+    env.host.fail_next("unmount", libc::EBUSY);
+    let r = engine.unpublish(v.id.as_str(), Path::new(T1));
+    assert_eq!(code(&r), "ok", "{r:?}");
+    assert!(engine.published_targets(&v.id).is_empty());
+    assert!(env.mount_table().iter().all(|m| m.0 != Path::new(T1)));
+}
+
 #[rstest]
 
 fn unpublish_leaves_another_volumes_mount_alone(#[values(Kind::Dir, Kind::Fs, Kind::Tmpfs)] kind: Kind) {
