@@ -41,6 +41,20 @@ pub fn validate_update(res: &Resource, new: &Value, old: &Value) -> Vec<FieldErr
     if let Err(errs) = decode_kind(res, new) {
         return errs;
     }
+    update_rules(res, new, old)
+}
+
+/// The rules of a status field, for an object that decodes.
+fn status_rules(res: &Resource, new: &Value) -> Vec<FieldError> {
+    match res.kind {
+        "PersistentVolume" => core::pv_status(new),
+        "PersistentVolumeClaim" => core::pvc_status(new),
+        _ => Vec::new(),
+    }
+}
+
+/// The rules of an update, for an object that decodes.
+fn update_rules(res: &Resource, new: &Value, old: &Value) -> Vec<FieldError> {
     let mut errs = object_meta(res, new);
     errs.extend(meta::validate_object_meta_update(new, old));
     errs.extend(validate_kind(res, new));
@@ -55,15 +69,8 @@ pub fn validate_update_all(res: &Resource, new: &Value, old: &Value) -> Vec<Fiel
     if let Err(errs) = decode_kind(res, new) {
         return errs;
     }
-    let mut errs = object_meta(res, new);
-    errs.extend(meta::validate_object_meta_update(new, old));
-    errs.extend(validate_kind(res, new));
-    errs.extend(validate_kind_update(res, new, old));
-    errs.extend(match res.kind {
-        "PersistentVolume" => core::pv_status(new),
-        "PersistentVolumeClaim" => core::pvc_status(new),
-        _ => Vec::new(),
-    });
+    let mut errs = update_rules(res, new, old);
+    errs.extend(status_rules(res, new));
     errs
 }
 
@@ -75,11 +82,7 @@ pub fn validate_status_update(res: &Resource, new: &Value, old: &Value) -> Vec<F
     }
     let mut errs = object_meta(res, new);
     errs.extend(meta::validate_object_meta_update(new, old));
-    errs.extend(match res.kind {
-        "PersistentVolume" => core::pv_status(new),
-        "PersistentVolumeClaim" => core::pvc_status(new),
-        _ => Vec::new(),
-    });
+    errs.extend(status_rules(res, new));
     errs
 }
 
