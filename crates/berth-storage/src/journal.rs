@@ -1,11 +1,14 @@
 //! The durable record of every volume, staging and publish: Berth's memory across crashes.
 //!
-//! One redb database per data dir. Every mutation is durable (redb's immediate durability, an
-//! fsync) before its caller answers its client. Mutations that arrive while a commit is under way
-//! are committed together in the next transaction (group commit): the first caller to find no
-//! commit running commits everything queued, and each caller returns once its own change is on
-//! disk. redb holds an exclusive lock on the file, which makes a data dir single-owner. Values
-//! are JSON so records stay readable and can grow fields without a migration.
+//! One redb database per data dir, with a write-ahead log beside it ([`crate::wal`]). Every
+//! mutation is durable before its caller answers its client: it is written to the log in one
+//! synchronous write, and redb commits it without an fsync; redb commits durably every so often
+//! (a checkpoint), and at open the log's frames after the last checkpoint are applied again.
+//! Mutations that arrive while a commit is under way are committed together in the next
+//! transaction (group commit): the first caller to find no commit running commits everything
+//! queued, and each caller returns once its own change is on disk. redb holds an exclusive lock
+//! on its file, which makes a data dir (and its log) single-owner. Values are JSON so records
+//! stay readable and can grow fields without a migration.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -16,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::id::VolumeId;
 use crate::spec::{Capability, Kind};
+use crate::wal::Wal;
 use berth_host::FileSystem;
 
 const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
@@ -26,6 +30,12 @@ const GROUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("group_snapsho
 const ATTACHMENTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("attachments");
 /// Qgroups of deleted subvolumes that the kernel would not drop yet: (pool, subvolume id).
 const RETIRED_QGROUPS: TableDefinition<(&str, u64), ()> = TableDefinition::new("retired_qgroups");
+/// The journal's own state; `CHECKPOINT` is the last log frame a durable commit holds.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const CHECKPOINT: &str = "wal_checkpoint";
+/// Log frames between two durable redb commits, at most: bounds the replay at open and the
+/// pages redb cannot reuse until it commits durably.
+const CHECKPOINT_EVERY: u32 = 1024;
 
 /// A journal failure: the disk under the data dir is failing or full.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +48,19 @@ pub enum JournalError {
     },
     #[error("journal {path}: the commit that carried this change was interrupted")]
     Interrupted { path: PathBuf },
+    #[error("journal log {path}: {source}")]
+    Log {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("journal log {path}: frame {seq} does not decode: {reason}")]
+    Corrupt { path: PathBuf, seq: u64, reason: String },
+    #[error(
+        "journal {path}: a change was logged but could not be applied; no more changes are \
+         accepted until Berth restarts and replays the log"
+    )]
+    Halted { path: PathBuf },
     #[error("journal record {key}: {source}")]
     Decode {
         key: String,
@@ -165,10 +188,25 @@ pub struct Journal {
     db: redb::Database,
     path: PathBuf,
     group: Group,
+    log: Mutex<Log>,
+}
+
+/// The write-ahead log and where the journal is in it.
+#[derive(Debug)]
+struct Log {
+    wal: Wal,
+    path: PathBuf,
+    /// Sequence number of the next frame.
+    next_seq: u64,
+    /// Frames written since the last durable commit.
+    since_checkpoint: u32,
+    /// A frame reached the log but its redb commit failed: redb and the log disagree until the
+    /// next open replays the log, so nothing more is accepted.
+    halted: bool,
 }
 
 /// One record written or removed; a mutation is a list of these, applied atomically.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 enum Change {
     Put(Table, String, Vec<u8>),
     Remove(Table, String),
@@ -179,19 +217,19 @@ enum Change {
 }
 
 /// The tables keyed by one string.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Table {
-    Volumes,
-    Stages,
-    Snapshots,
-    Groups,
+    Volumes = 0,
+    Stages = 1,
+    Snapshots = 2,
+    Groups = 3,
 }
 
 /// The tables keyed by two strings.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum PairTable {
-    Publishes,
-    Attachments,
+    Publishes = 0,
+    Attachments = 1,
 }
 
 impl Table {
@@ -214,7 +252,7 @@ impl PairTable {
     }
 }
 
-fn apply(txn: &redb::WriteTransaction, changes: &[Change]) -> Result<(), redb::Error> {
+fn apply<'a>(txn: &redb::WriteTransaction, changes: impl IntoIterator<Item = &'a Change>) -> Result<(), redb::Error> {
     for c in changes {
         match c {
             Change::Put(t, k, v) => {
@@ -239,6 +277,111 @@ fn apply(txn: &redb::WriteTransaction, changes: &[Change]) -> Result<(), redb::E
         }
     }
     Ok(())
+}
+
+impl Table {
+    const ALL: [Table; 4] = [Table::Volumes, Table::Stages, Table::Snapshots, Table::Groups];
+}
+
+impl PairTable {
+    const ALL: [PairTable; 2] = [PairTable::Publishes, PairTable::Attachments];
+}
+
+/// The changes of one batch, in order, as the payload of a log frame: a tag, then the table's
+/// index and the fields, strings and bytes prefixed by their length (little endian).
+fn encode_changes<'a>(changes: impl IntoIterator<Item = &'a Change>) -> Vec<u8> {
+    fn bytes(out: &mut Vec<u8>, b: &[u8]) {
+        // Keys and records are far below 4 GiB.
+        out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+        out.extend_from_slice(b);
+    }
+    let mut out = Vec::new();
+    for c in changes {
+        match c {
+            Change::Put(t, k, v) => {
+                out.extend([1, *t as u8]);
+                bytes(&mut out, k.as_bytes());
+                bytes(&mut out, v);
+            }
+            Change::Remove(t, k) => {
+                out.extend([2, *t as u8]);
+                bytes(&mut out, k.as_bytes());
+            }
+            Change::PutPair(t, a, b, v) => {
+                out.extend([3, *t as u8]);
+                bytes(&mut out, a.as_bytes());
+                bytes(&mut out, b.as_bytes());
+                bytes(&mut out, v);
+            }
+            Change::RemovePair(t, a, b) => {
+                out.extend([4, *t as u8]);
+                bytes(&mut out, a.as_bytes());
+                bytes(&mut out, b.as_bytes());
+            }
+            Change::Retire(pool, id) | Change::Unretire(pool, id) => {
+                out.push(if matches!(c, Change::Retire(..)) { 5 } else { 6 });
+                bytes(&mut out, pool.as_bytes());
+                out.extend_from_slice(&id.to_le_bytes());
+            }
+        }
+    }
+    out
+}
+
+/// Reads back what [`encode_changes`] wrote.
+fn decode_changes(payload: &[u8]) -> Result<Vec<Change>, String> {
+    struct Reader<'a>(&'a [u8]);
+    impl Reader<'_> {
+        fn take(&mut self, n: usize) -> Result<&[u8], String> {
+            if self.0.len() < n {
+                return Err(format!("{n} bytes wanted, {} left", self.0.len()));
+            }
+            let (head, rest) = self.0.split_at(n);
+            self.0 = rest;
+            Ok(head)
+        }
+        fn byte(&mut self) -> Result<u8, String> {
+            Ok(self.take(1)?[0])
+        }
+        fn bytes(&mut self) -> Result<Vec<u8>, String> {
+            let mut len = [0u8; 4];
+            len.copy_from_slice(self.take(4)?);
+            Ok(self.take(u32::from_le_bytes(len) as usize)?.to_vec())
+        }
+        fn string(&mut self) -> Result<String, String> {
+            String::from_utf8(self.bytes()?).map_err(|e| e.to_string())
+        }
+        fn u64(&mut self) -> Result<u64, String> {
+            let mut n = [0u8; 8];
+            n.copy_from_slice(self.take(8)?);
+            Ok(u64::from_le_bytes(n))
+        }
+        fn table(&mut self) -> Result<Table, String> {
+            let i = self.byte()?;
+            Table::ALL.get(usize::from(i)).copied().ok_or(format!("no table {i}"))
+        }
+        fn pair_table(&mut self) -> Result<PairTable, String> {
+            let i = self.byte()?;
+            PairTable::ALL
+                .get(usize::from(i))
+                .copied()
+                .ok_or(format!("no pair table {i}"))
+        }
+    }
+    let mut r = Reader(payload);
+    let mut changes = Vec::new();
+    while !r.0.is_empty() {
+        changes.push(match r.byte()? {
+            1 => Change::Put(r.table()?, r.string()?, r.bytes()?),
+            2 => Change::Remove(r.table()?, r.string()?),
+            3 => Change::PutPair(r.pair_table()?, r.string()?, r.string()?, r.bytes()?),
+            4 => Change::RemovePair(r.pair_table()?, r.string()?, r.string()?),
+            5 => Change::Retire(r.string()?, r.u64()?),
+            6 => Change::Unretire(r.string()?, r.u64()?),
+            tag => return Err(format!("unknown change {tag}")),
+        });
+    }
+    Ok(changes)
 }
 
 /// The group commit's shared state.
@@ -292,17 +435,13 @@ fn lock_group(m: &Mutex<GroupState>) -> MutexGuard<'_, GroupState> {
 }
 
 impl Journal {
-    /// Opens (or creates) the journal; fails if another process owns it.
+    /// Opens (or creates) the journal; fails if another process owns it. Applies the log's
+    /// frames written after the last checkpoint, and checkpoints them.
     pub fn open(path: &Path) -> Result<Self, JournalError> {
         let db = redb::Database::create(path).map_err(|e| db_err(path, e))?;
-        let journal = Journal {
-            db,
-            path: path.to_owned(),
-            group: Group::default(),
-        };
-        // Create the tables so read transactions find them.
-        let create = || -> Result<(), redb::Error> {
-            let txn = journal.db.begin_write()?;
+        // Create the tables so read transactions find them, and read the checkpoint.
+        let prepare = || -> Result<u64, redb::Error> {
+            let txn = db.begin_write()?;
             txn.open_table(VOLUMES)?;
             txn.open_table(STAGES)?;
             txn.open_table(PUBLISHES)?;
@@ -310,11 +449,48 @@ impl Journal {
             txn.open_table(SNAPSHOTS)?;
             txn.open_table(GROUPS)?;
             txn.open_table(ATTACHMENTS)?;
+            let checkpoint = txn.open_table(META)?.get(CHECKPOINT)?.map_or(0, |v| v.value());
             txn.commit()?;
-            Ok(())
+            Ok(checkpoint)
         };
-        create().map_err(|e| journal.err(e))?;
-        Ok(journal)
+        let checkpoint = prepare().map_err(|e| db_err(path, e))?;
+        let log_path = path.with_extension("wal");
+        let (wal, frames) = Wal::open(&log_path, checkpoint).map_err(|source| JournalError::Log {
+            path: log_path.clone(),
+            source,
+        })?;
+        let last = frames.last().map_or(checkpoint, |f| f.seq);
+        if !frames.is_empty() {
+            let mut replayed = Vec::new();
+            for f in &frames {
+                replayed.extend(decode_changes(&f.payload).map_err(|reason| JournalError::Corrupt {
+                    path: log_path.clone(),
+                    seq: f.seq,
+                    reason,
+                })?);
+            }
+            let replay = || -> Result<(), redb::Error> {
+                let txn = db.begin_write()?;
+                apply(&txn, replayed.iter())?;
+                txn.open_table(META)?.insert(CHECKPOINT, last)?;
+                txn.commit()?;
+                Ok(())
+            };
+            replay().map_err(|e| db_err(path, e))?;
+            tracing::info!(frames = frames.len(), last, "journal log replayed");
+        }
+        Ok(Journal {
+            db,
+            path: path.to_owned(),
+            group: Group::default(),
+            log: Mutex::new(Log {
+                wal,
+                path: log_path,
+                next_seq: last + 1,
+                since_checkpoint: 0,
+                halted: false,
+            }),
+        })
     }
 
     /// Reads every record.
@@ -504,34 +680,65 @@ impl Journal {
         if batch.is_empty() {
             return Vec::new();
         }
-        let together = || -> Result<(), redb::Error> {
-            let txn = self.db.begin_write()?;
-            for (_, changes) in &batch {
-                if let Err(e) = apply(&txn, changes) {
-                    let _ = txn.abort();
-                    return Err(e);
-                }
-            }
-            txn.commit()?;
-            self.group.commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Ok(())
-        };
-        match together() {
+        match self.write(batch.iter().flat_map(|(_, c)| c)) {
             Ok(()) => batch.into_iter().map(|(t, _)| (t, Ok(()))).collect(),
-            Err(e) if batch.len() == 1 => vec![(batch[0].0, Err(self.err(e)))],
+            Err(e) if batch.len() == 1 => vec![(batch[0].0, Err(e))],
             Err(_) => batch
                 .into_iter()
-                .map(|(t, changes)| {
-                    let alone = || -> Result<(), redb::Error> {
-                        let txn = self.db.begin_write()?;
-                        apply(&txn, &changes)?;
-                        txn.commit()?;
-                        Ok(())
-                    };
-                    (t, alone().map_err(|e| self.err(e)))
-                })
+                .map(|(t, changes)| (t, self.write(&changes)))
                 .collect(),
         }
+    }
+
+    /// Makes `changes` durable in one redb transaction: through the log, or, when the log is
+    /// due for a checkpoint or the changes would not fit in it, by a durable redb commit that
+    /// is the checkpoint.
+    fn write<'a>(&self, changes: impl IntoIterator<Item = &'a Change> + Clone) -> Result<(), JournalError> {
+        let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
+        if log.halted {
+            return Err(JournalError::Halted {
+                path: self.path.clone(),
+            });
+        }
+        let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        if let Err(e) = apply(&txn, changes.clone()) {
+            let _ = txn.abort();
+            return Err(self.err(e));
+        }
+        let payload = encode_changes(changes);
+        let checkpoint = log.since_checkpoint >= CHECKPOINT_EVERY || !log.wal.fits(payload.len());
+        if checkpoint || !log.wal.ever_fits(payload.len()) {
+            let last = log.next_seq - 1;
+            let durable = || -> Result<(), redb::Error> {
+                txn.open_table(META)?.insert(CHECKPOINT, last)?;
+                txn.commit()?;
+                Ok(())
+            };
+            durable().map_err(|e| self.err(e))?;
+            log.wal.reset();
+            log.since_checkpoint = 0;
+        } else {
+            txn.set_durability(redb::Durability::None)
+                .map_err(|e| self.err(redb::Error::from(e)))?;
+            let seq = log.next_seq;
+            if let Err(source) = log.wal.append(seq, &payload) {
+                let _ = txn.abort();
+                return Err(JournalError::Log {
+                    path: log.path.clone(),
+                    source,
+                });
+            }
+            log.next_seq += 1;
+            log.since_checkpoint += 1;
+            crate::crash::point("journal.after_log");
+            if let Err(e) = txn.commit() {
+                log.halted = true;
+                tracing::error!(error = %e, "journal: a logged change could not be applied; refusing more changes until a restart replays the log");
+                return Err(self.err(e));
+            }
+        }
+        self.group.commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     fn err(&self, e: impl Into<redb::Error>) -> JournalError {
@@ -673,6 +880,100 @@ mod tests {
         for id in kept {
             assert!(r.stages.contains_key(id), "stage of {id:?} lost");
         }
+    }
+
+    fn stage(id: &VolumeId, path: &str) -> StageRecord {
+        StageRecord {
+            volume_id: id.clone(),
+            staging_path: path.into(),
+            capability: cap(),
+        }
+    }
+
+    #[test]
+    fn changes_round_trip_through_a_log_payload() {
+        let changes = vec![
+            Change::Put(Table::Volumes, "v".into(), b"{}".to_vec()),
+            Change::Remove(Table::Groups, "g".into()),
+            Change::PutPair(PairTable::Attachments, "v".into(), "node-1".into(), vec![0, 255]),
+            Change::RemovePair(PairTable::Publishes, "v".into(), "/t/\u{e9}".into()),
+            Change::Retire("default".into(), u64::MAX),
+            Change::Unretire("other".into(), 257),
+            Change::Put(Table::Snapshots, String::new(), vec![]),
+        ];
+        assert_eq!(decode_changes(&encode_changes(&changes)).unwrap(), changes);
+        assert!(decode_changes(&[9]).is_err());
+        assert!(decode_changes(&[1, 7, 0, 0, 0, 0]).is_err(), "table 7 does not exist");
+        assert!(decode_changes(&[1, 0, 5, 0, 0, 0, b'a']).is_err(), "truncated key");
+    }
+
+    /// What redb held only in commits without an fsync is lost with the machine; the log brings
+    /// it back at the next open.
+    #[test]
+    fn the_log_restores_what_redb_had_not_made_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.redb");
+        let saved = dir.path().join("saved.redb");
+        drop(Journal::open(&path).unwrap());
+        std::fs::copy(&path, &saved).unwrap();
+        let (a, b) = (VolumeId::generate().unwrap(), VolumeId::generate().unwrap());
+        {
+            let j = Journal::open(&path).unwrap();
+            j.put_stage(&stage(&a, "/a")).unwrap();
+            j.put_stage(&stage(&b, "/b")).unwrap();
+            j.retire_qgroup("default", 300).unwrap();
+            j.delete_stage(&a).unwrap();
+        }
+        std::fs::copy(&saved, &path).unwrap();
+        let j = Journal::open(&path).unwrap();
+        let r = j.load().unwrap();
+        assert_eq!(r.stages.keys().collect::<Vec<_>>(), vec![&b]);
+        assert_eq!(r.retired_qgroups, vec![("default".to_owned(), 300)]);
+        // The replay was checkpointed: opening again finds the same, and later changes follow.
+        j.delete_stage(&b).unwrap();
+        drop(j);
+        let r = Journal::open(&path).unwrap().load().unwrap();
+        assert!(r.stages.is_empty());
+        assert_eq!(r.retired_qgroups.len(), 1);
+    }
+
+    /// Past `CHECKPOINT_EVERY` frames redb commits durably and the log starts over; nothing is
+    /// lost across the turn, even if redb then loses its later commits.
+    #[test]
+    fn checkpoints_start_the_log_over_without_losing_a_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.redb");
+        let ids: Vec<VolumeId> = (0..CHECKPOINT_EVERY + 40)
+            .map(|_| VolumeId::generate().unwrap())
+            .collect();
+        {
+            let j = Journal::open(&path).unwrap();
+            for (i, id) in ids.iter().enumerate() {
+                j.put_stage(&stage(id, &format!("/s/{i}"))).unwrap();
+            }
+            assert_eq!(j.commits(), ids.len() as u64);
+            assert!(
+                j.log.lock().unwrap().next_seq <= ids.len() as u64,
+                "one commit was a checkpoint"
+            );
+        }
+        let r = Journal::open(&path).unwrap().load().unwrap();
+        assert_eq!(r.stages.len(), ids.len());
+    }
+
+    #[test]
+    fn a_log_frame_that_does_not_decode_stops_the_open() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.redb");
+        drop(Journal::open(&path).unwrap());
+        let log = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path.with_extension("wal"))
+            .unwrap();
+        log.write_all_at(&crate::wal::encode_frame(1, &[42, 0]), 0).unwrap();
+        let err = Journal::open(&path).unwrap_err();
+        assert!(matches!(err, JournalError::Corrupt { seq: 1, .. }), "{err}");
     }
 
     #[test]

@@ -23,6 +23,7 @@ mod reconcile;
 mod snapshot;
 pub mod spec;
 pub mod teardown;
+mod wal;
 
 pub use csi::{BerthDriver, DRIVER_NAME, TOPOLOGY_KEY};
 pub use engine::{DEFAULT_POOL, Engine, EngineConfig, EngineError};

@@ -73,12 +73,21 @@ const LIFECYCLE: [Step; 6] = [
 ];
 
 async fn crash_at(point: &'static str, kind: Kind) {
-    let test = format!("crash-{point}-{}", kind.label());
+    crash_in(point, step_of(point), kind).await;
+}
+
+async fn crash_in(point: &'static str, crash_step: Step, kind: Kind) {
+    let test = format!("crash-{point}-{crash_step:?}-{}", kind.label());
     if skip_unless_root(&test) {
         return;
     }
-    let crash_step = step_of(point);
-    let mut d = Daemon::start(&format!("{}-{}", point.replace(['.', '_'], "-"), kind.label())).await;
+    let mut d = Daemon::start(&format!(
+        "{}-{}-{}",
+        point.replace(['.', '_'], "-"),
+        format!("{crash_step:?}").to_lowercase(),
+        kind.label()
+    ))
+    .await;
     let bystander = d
         .csi()
         .create("bystander", kind, kind.test_size())
@@ -203,4 +212,27 @@ crash_tests! {
     unstage_after_unmount_fs: "node_unstage.after_unmount", Kind::Fs("ext4");
     unstage_after_unmount_block: "node_unstage.after_unmount", Kind::Block;
     unstage_after_unmount_tmpfs: "node_unstage.after_unmount", Kind::Tmpfs;
+}
+
+/// The journal's crash point sits in every call that writes a record, between the write-ahead
+/// log's write and redb's commit: the restarted driver must find the record in the log.
+macro_rules! log_crash_tests {
+    ($($name:ident: $step:expr, $kind:expr;)*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                crash_in("journal.after_log", $step, $kind).await;
+            }
+        )*
+    };
+}
+
+log_crash_tests! {
+    create_after_log_dir: Step::Create, Kind::Dir;
+    create_after_log_fs: Step::Create, Kind::Fs("ext4");
+    stage_after_log_fs: Step::Stage, Kind::Fs("ext4");
+    publish_after_log_dir: Step::Publish, Kind::Dir;
+    unpublish_after_log_block: Step::Unpublish, Kind::Block;
+    unstage_after_log_tmpfs: Step::Unstage, Kind::Tmpfs;
+    delete_after_log_dir: Step::Delete, Kind::Dir;
 }
