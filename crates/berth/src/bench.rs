@@ -353,37 +353,42 @@ where
         ..NodeOpts::default()
     })?;
     let engine = open_engine(cfg)?;
-    let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    // The server runs as `berth csi` runs it, on a multi-threaded runtime. The client has a
+    // runtime of its own on this thread, as an outside client (kubelet, a sidecar) would: on a
+    // shared runtime every call paid for the client's tasks queueing behind the server's.
+    let server_rt = tokio::runtime::Runtime::new().context("starting the server's tokio runtime")?;
+    let client_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the client's tokio runtime")?;
     let endpoint = scratch.endpoint();
-    runtime.block_on(async move {
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let driver = Arc::new(BerthDriver::new(engine));
-        let ep = endpoint.clone();
-        let server = tokio::spawn(async move {
-            berth_csi::serve_unix(&ep, driver, async {
-                let _ = stopped.await;
-            })
-            .await
-        });
-        let outcome = async {
-            let client = connect(&endpoint).await?;
-            tokio::select! {
-                r = body(client, scratch.clone()) => r,
-                _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
-            }
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let driver = Arc::new(BerthDriver::new(engine));
+    let ep = endpoint.clone();
+    let server = server_rt.spawn(async move {
+        berth_csi::serve_unix(&ep, driver, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    let outcome = client_rt.block_on(async {
+        let client = connect(&endpoint).await?;
+        tokio::select! {
+            r = body(client, scratch.clone()) => r,
+            _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
         }
-        .await;
-        let _ = stop.send(());
-        let served = match server.await {
-            Ok(r) => r.context("CSI server"),
-            Err(e) => Err(anyhow!("CSI server task failed: {e}")),
-        };
-        match (outcome, served) {
-            (Ok(v), Ok(())) => Ok(v),
-            (Err(e), _) => Err(e),
-            (Ok(_), Err(e)) => Err(e),
-        }
-    })
+    });
+    drop(client_rt);
+    let _ = stop.send(());
+    let served = match server_rt.block_on(server) {
+        Ok(r) => r.context("CSI server"),
+        Err(e) => Err(anyhow!("CSI server task failed: {e}")),
+    };
+    match (outcome, served) {
+        (Ok(v), Ok(())) => Ok(v),
+        (Err(e), _) => Err(e),
+        (Ok(_), Err(e)) => Err(e),
+    }
 }
 
 async fn connect(endpoint: &str) -> Result<Client> {
