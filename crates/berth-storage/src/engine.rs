@@ -534,6 +534,8 @@ impl Engine {
             .map_err(|e| EngineError::Host(HostError::io("getrandom", "", std::io::Error::other(e.to_string()))))?;
         let span = tracing::info_span!("create_volume", volume_id = %id, name, kind = spec.kind.as_str());
         let _enter = span.enter();
+        // No spare is made while this create runs, journal commit included (spares.rs).
+        let _hold = self.spares.hold();
         let subvolume_id = match &origin {
             None => self.make_empty(&id, &spec)?,
             Some(o) => self.make_from(&id, &spec, o)?,
