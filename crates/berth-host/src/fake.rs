@@ -73,6 +73,12 @@ pub enum Call {
         parent: PathBuf,
         name: String,
     },
+    BtrfsSubvolumeRename {
+        from_parent: PathBuf,
+        from_name: String,
+        to_parent: PathBuf,
+        to_name: String,
+    },
     BtrfsQgroupLimit {
         mount: PathBuf,
         subvolume_id: u64,
@@ -197,6 +203,7 @@ pub const OPS: &[&str] = &[
     "btrfs_subvolume_create",
     "btrfs_subvolume_id",
     "btrfs_subvolume_delete",
+    "btrfs_subvolume_rename",
     "btrfs_qgroup_limit",
     "btrfs_qgroups",
     "btrfs_qgroup_destroy",
@@ -245,6 +252,7 @@ impl Call {
             Call::BtrfsSubvolumeCreate { .. } => "btrfs_subvolume_create",
             Call::BtrfsSubvolumeId { .. } => "btrfs_subvolume_id",
             Call::BtrfsSubvolumeDelete { .. } => "btrfs_subvolume_delete",
+            Call::BtrfsSubvolumeRename { .. } => "btrfs_subvolume_rename",
             Call::BtrfsQgroupLimit { .. } => "btrfs_qgroup_limit",
             Call::BtrfsQgroups { .. } => "btrfs_qgroups",
             Call::BtrfsQgroupDestroy { .. } => "btrfs_qgroup_destroy",
@@ -301,6 +309,9 @@ impl Call {
             Call::BtrfsSubvolumeCreate { parent, name } | Call::BtrfsSubvolumeDelete { parent, name } => {
                 parent.join(name)
             }
+            Call::BtrfsSubvolumeRename {
+                from_parent, from_name, ..
+            } => from_parent.join(from_name),
             Call::LoopAttach { backing, .. } => backing.clone(),
             Call::LoopDetach { device } | Call::ProbeFilesystem { device } | Call::Mkfs { device, .. } => {
                 device.clone()
@@ -1108,6 +1119,65 @@ impl State {
         Ok(id)
     }
 
+    /// The rename model: the subtree at `from` and everything the model knows about it
+    /// (nocow, xattrs, read-only flags, filesystems in files) move to `to`. Stricter than the
+    /// kernel in one way: a subvolume with a mount at or beneath it is `EBUSY`, because the fake
+    /// keeps mounts by path.
+    fn subvolume_rename(&mut self, from_parent: &Path, from_name: &str, to_parent: &Path, to_name: &str) -> Result<()> {
+        const OP: &str = "btrfs subvolume rename";
+        let from = from_parent.join(from_name);
+        let to = to_parent.join(to_name);
+        for (path, name) in [(&from, from_name), (&to, to_name)] {
+            if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.len() > 255 {
+                return Err(wrong_type(path, "is not a valid subvolume name"));
+            }
+        }
+        match self.nodes.get(&from) {
+            Some(Node::Dir { subvolume: Some(_) }) => {}
+            Some(_) => return Err(wrong_type(&from, "is not the root of a btrfs subvolume")),
+            None => return Err(errno(OP, &from, libc::ENOENT)),
+        }
+        if !is_root(to_parent) && !matches!(self.nodes.get(to_parent), Some(Node::Dir { .. })) {
+            return Err(errno(OP, to_parent, libc::ENOENT));
+        }
+        if self.nodes.contains_key(&to) || is_root(&to) {
+            return Err(errno(OP, &to, libc::EEXIST));
+        }
+        if self.filesystem_at(&from).map(|f| f.0) != self.filesystem_at(&to).map(|f| f.0) {
+            return Err(errno(OP, &to, libc::EXDEV));
+        }
+        if self.has_mount_within(&from) {
+            return Err(errno(OP, &from, libc::EBUSY));
+        }
+        self.check_writable(OP, from_parent)?;
+        self.check_writable(OP, &to)?;
+        fn moved(p: &Path, from: &Path, to: &Path) -> PathBuf {
+            p.strip_prefix(from).map_or_else(|_| p.to_owned(), |rel| to.join(rel))
+        }
+        fn rekey<V>(map: &mut BTreeMap<PathBuf, V>, from: &Path, to: &Path) {
+            let keys: Vec<PathBuf> = map.keys().filter(|p| p.starts_with(from)).cloned().collect();
+            for k in keys {
+                if let Some(v) = map.remove(&k) {
+                    map.insert(moved(&k, from, to), v);
+                }
+            }
+        }
+        fn reset(set: &mut BTreeSet<PathBuf>, from: &Path, to: &Path) {
+            *set = set.iter().map(|p| moved(p, from, to)).collect();
+        }
+        rekey(&mut self.nodes, &from, &to);
+        rekey(&mut self.xattrs, &from, &to);
+        rekey(&mut self.filesystems, &from, &to);
+        rekey(&mut self.fs_sizes, &from, &to);
+        rekey(&mut self.snapshot_sources, &from, &to);
+        for source in self.snapshot_sources.values_mut() {
+            *source = moved(source, &from, &to);
+        }
+        reset(&mut self.nocow, &from, &to);
+        reset(&mut self.read_only_subvolumes, &from, &to);
+        Ok(())
+    }
+
     fn mount(&mut self, request: &MountRequest) -> Result<()> {
         const OP: &str = "mount";
         let target = &request.target;
@@ -1443,6 +1513,22 @@ impl HostOps for RecordingHost {
             }
             Some(_) => Err(wrong_type(&path, "exists but is not a btrfs subvolume")),
         }
+    }
+
+    fn btrfs_subvolume_rename(
+        &self,
+        from_parent: &Path,
+        from_name: &str,
+        to_parent: &Path,
+        to_name: &str,
+    ) -> Result<()> {
+        let mut st = self.begin(Call::BtrfsSubvolumeRename {
+            from_parent: from_parent.to_owned(),
+            from_name: from_name.to_owned(),
+            to_parent: to_parent.to_owned(),
+            to_name: to_name.to_owned(),
+        })?;
+        st.subvolume_rename(from_parent, from_name, to_parent, to_name)
     }
 
     fn btrfs_qgroup_limit(&self, mount: &Path, subvolume_id: u64, max_referenced: Option<u64>) -> Result<()> {
@@ -2098,6 +2184,35 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn subvolume_rename_moves_the_tree_and_keeps_the_qgroup() {
+        let host = RecordingHost::new();
+        host.add_dir("/pool/spares");
+        host.add_dir("/pool/volumes");
+        host.btrfs_quota_enable(&p("/pool")).unwrap();
+        let id = host.btrfs_subvolume_create(&p("/pool/spares"), "s1").unwrap();
+        host.set_nocow(&p("/pool/spares/s1"), true).unwrap();
+        host.add_file("/pool/spares/s1/f", 5);
+        host.btrfs_subvolume_rename(&p("/pool/spares"), "s1", &p("/pool/volumes"), "v1")
+            .unwrap();
+        assert_eq!(host.subvolumes(), BTreeMap::from([(p("/pool/volumes/v1"), id)]));
+        assert!(host.nocow(&p("/pool/volumes/v1")) && !host.nocow(&p("/pool/spares/s1")));
+        assert!(host.files().contains_key(&p("/pool/volumes/v1/f")));
+        assert_eq!(host.btrfs_subvolume_id(&p("/pool/volumes/v1")).unwrap(), id);
+        host.btrfs_qgroup_limit(&p("/pool"), id, Some(MIB)).unwrap();
+
+        // Not idempotent, never replaces, only subvolumes, single names.
+        let rename =
+            |from: &str, to: &str| host.btrfs_subvolume_rename(&p("/pool/spares"), from, &p("/pool/volumes"), to);
+        assert_eq!(io_errno(rename("s1", "v2")), Some(libc::ENOENT));
+        host.btrfs_subvolume_create(&p("/pool/spares"), "s2").unwrap();
+        assert_eq!(io_errno(rename("s2", "v1")), Some(libc::EEXIST));
+        host.add_dir("/pool/spares/plain");
+        assert!(matches!(rename("plain", "v3"), Err(HostError::WrongType { .. })));
+        assert!(matches!(rename("s2", "../v3"), Err(HostError::WrongType { .. })));
+        assert!(host.subvolumes().contains_key(&p("/pool/spares/s2")));
+    }
+
     fn stage_ext4(host: &RecordingHost, autoclear: bool) -> (LoopDevice, PathBuf) {
         host.add_dir("/pool/vols");
         host.add_dir("/stage/v1");
@@ -2638,10 +2753,10 @@ mod tests {
     #[test]
     fn every_op_can_be_failed() {
         // Every HostOps method (26 + 13 for snapshots, clones and expansion, + set_nocow,
-        // is_mount_point and loop_device_for) can be failed.
+        // is_mount_point, loop_device_for and btrfs_subvolume_rename) can be failed.
         for op in OPS {
             RecordingHost::new().fail_next(op, libc::EIO);
         }
-        assert_eq!(OPS.len(), 42);
+        assert_eq!(OPS.len(), 43);
     }
 }

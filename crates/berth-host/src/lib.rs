@@ -274,6 +274,18 @@ pub trait HostOps: Send + Sync + std::fmt::Debug {
     fn btrfs_subvolume_id(&self, path: &Path) -> Result<u64>;
     /// Deletes subvolume `parent/name` (also when not empty); a missing one is success.
     fn btrfs_subvolume_delete(&self, parent: &Path, name: &str) -> Result<()>;
+    /// Moves subvolume `from_parent/from_name` to `to_parent/to_name` on the same filesystem
+    /// (renameat2 with `RENAME_NOREPLACE` between the two directories' fds). Names are single path
+    /// components. An existing destination is `EEXIST` and is never replaced; a source that is
+    /// not a subvolume root is `WrongType`; a missing source is `ENOENT` (not idempotent: the
+    /// caller knows whether it moved it).
+    fn btrfs_subvolume_rename(
+        &self,
+        from_parent: &Path,
+        from_name: &str,
+        to_parent: &Path,
+        to_name: &str,
+    ) -> Result<()>;
     /// Sets (or with `None` clears) the referenced-bytes limit of qgroup 0/`subvolume_id`.
     fn btrfs_qgroup_limit(&self, mount: &Path, subvolume_id: u64, max_referenced: Option<u64>) -> Result<()>;
     /// Level-0 qgroups with usage and limits.

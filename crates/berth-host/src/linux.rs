@@ -616,6 +616,16 @@ impl HostOps for LinuxHost {
         btrfs::subvolume_delete(parent, name)
     }
 
+    fn btrfs_subvolume_rename(
+        &self,
+        from_parent: &Path,
+        from_name: &str,
+        to_parent: &Path,
+        to_name: &str,
+    ) -> Result<()> {
+        btrfs::subvolume_rename(from_parent, from_name, to_parent, to_name)
+    }
+
     fn btrfs_qgroup_limit(&self, mount: &Path, subvolume_id: u64, max_referenced: Option<u64>) -> Result<()> {
         btrfs::qgroup_limit(mount, subvolume_id, max_referenced)
     }

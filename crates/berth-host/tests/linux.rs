@@ -263,6 +263,55 @@ fn btrfs_subvolume_qgroup_lifecycle() {
     ));
 }
 
+/// What a spare subvolume relies on: a rename keeps the subvolume (its id, its qgroup and the
+/// NOCOW flag of its root), never replaces anything, and refuses what is not a subvolume.
+#[test]
+fn btrfs_subvolume_rename() {
+    let Some(mut s) = Scratch::new() else { return };
+    let pool = btrfs_pool(&mut s);
+    let host = s.host.clone();
+    let spares = pool.join("spares");
+    let volumes = pool.join("volumes");
+    fs::create_dir(&spares).unwrap();
+    fs::create_dir(&volumes).unwrap();
+    let id = host.btrfs_subvolume_create(&spares, "s1").unwrap();
+    host.set_nocow(&spares.join("s1"), true).unwrap();
+    let start = Instant::now();
+    host.btrfs_subvolume_rename(&spares, "s1", &volumes, "v1").unwrap();
+    let took = start.elapsed();
+    assert!(!spares.join("s1").exists());
+    assert_eq!(host.btrfs_subvolume_id(&volumes.join("v1")).unwrap(), id);
+    let root = fs::File::open(volumes.join("v1")).unwrap();
+    assert!(
+        rustix::fs::ioctl_getflags(&root)
+            .unwrap()
+            .contains(rustix::fs::IFlags::NOCOW)
+    );
+    host.btrfs_qgroup_limit(&pool, id, Some(4 * MIB)).unwrap();
+    assert_eq!(
+        errno(write_bytes(&volumes.join("v1/data"), 8 * MIB)),
+        Some(libc::EDQUOT)
+    );
+    eprintln!("rename of a subvolume took {took:?}");
+
+    let rename = |from: &str, to: &str| host.btrfs_subvolume_rename(&spares, from, &volumes, to);
+    assert_eq!(rename("s1", "v2").unwrap_err().errno(), Some(libc::ENOENT));
+    let other = host.btrfs_subvolume_create(&spares, "s2").unwrap();
+    assert_eq!(rename("s2", "v1").unwrap_err().errno(), Some(libc::EEXIST));
+    assert_eq!(
+        host.btrfs_subvolume_id(&volumes.join("v1")).unwrap(),
+        id,
+        "not replaced"
+    );
+    assert_eq!(host.btrfs_subvolume_id(&spares.join("s2")).unwrap(), other);
+    fs::create_dir(spares.join("plain")).unwrap();
+    assert!(matches!(rename("plain", "v3"), Err(HostError::WrongType { .. })));
+    assert!(matches!(rename("s2", "../v3"), Err(HostError::WrongType { .. })));
+    std::os::unix::fs::symlink(spares.join("s2"), spares.join("link")).unwrap();
+    assert!(matches!(rename("link", "v3"), Err(HostError::WrongType { .. })));
+    assert!(!volumes.join("v3").exists());
+}
+
 /// Not a timed assertion: prints the latency of the quota-volume hot path.
 #[test]
 fn btrfs_subvolume_create_and_limit_latency() {
@@ -288,6 +337,37 @@ fn btrfs_subvolume_create_and_limit_latency() {
     eprintln!(
         "subvolume_create+qgroup_limit x200: p50 {:?} p90 {:?} max {:?}; subvolume_delete p50 {:?}",
         samples[100], samples[180], samples[199], deletes[100]
+    );
+
+    // A dir CreateVolume made inline (create, limit, NOCOW) against one from a spare made
+    // beforehand (rename, limit).
+    let (spares, volumes) = (pool.join("spares"), pool.join("volumes"));
+    fs::create_dir(&spares).unwrap();
+    fs::create_dir(&volumes).unwrap();
+    let mut made = Vec::with_capacity(200);
+    for i in 0..200 {
+        let id = host.btrfs_subvolume_create(&spares, &format!("s{i}")).unwrap();
+        host.set_nocow(&spares.join(format!("s{i}")), true).unwrap();
+        made.push(id);
+    }
+    let (mut inline, mut from_spare) = (Vec::with_capacity(200), Vec::with_capacity(200));
+    for (i, spare) in made.into_iter().enumerate() {
+        let start = Instant::now();
+        let id = host.btrfs_subvolume_create(&volumes, &format!("i{i}")).unwrap();
+        host.btrfs_qgroup_limit(&pool, id, Some(64 * MIB)).unwrap();
+        host.set_nocow(&volumes.join(format!("i{i}")), true).unwrap();
+        inline.push(start.elapsed());
+        let start = Instant::now();
+        host.btrfs_subvolume_rename(&spares, &format!("s{i}"), &volumes, &format!("v{i}"))
+            .unwrap();
+        host.btrfs_qgroup_limit(&pool, spare, Some(64 * MIB)).unwrap();
+        from_spare.push(start.elapsed());
+    }
+    inline.sort();
+    from_spare.sort();
+    eprintln!(
+        "x200 inline create+limit+nocow: p50 {:?} p90 {:?}; spare rename+limit: p50 {:?} p90 {:?}",
+        inline[100], inline[180], from_spare[100], from_spare[180]
     );
 }
 

@@ -23,6 +23,7 @@ use crate::journal::{
     ContentSource, Journal, JournalError, PublishRecord, Records, StageRecord, VolumeRecord, VolumeState,
 };
 use crate::pool::{Pool, PoolError};
+use crate::spares::{Spare, Spares};
 use crate::spec::{self, AccessType, Capability, CapacityRange, Kind};
 
 /// Errors, each meaning one thing to a client (mapped to a gRPC code in one place).
@@ -82,7 +83,14 @@ pub struct EngineConfig {
     pub tmpfs_budget: Option<u64>,
     /// Advertised in NodeGetInfo (0 = no limit).
     pub max_volumes_per_node: i64,
+    /// Empty subvolumes each pool keeps ready for dir CreateVolume (see `spares.rs`); 0 makes
+    /// every create make its own. [`DEFAULT_SPARE_SUBVOLUMES`] unless configured.
+    pub spare_subvolumes: usize,
 }
+
+/// Spare subvolumes per pool by default: enough for a burst of creates while the thread,
+/// at about 0.15 ms a spare, refills behind them.
+pub const DEFAULT_SPARE_SUBVOLUMES: usize = 4;
 
 /// A CreateVolume, decoded.
 #[derive(Clone, Debug, Default)]
@@ -162,6 +170,17 @@ pub struct Engine {
     busy: Mutex<HashSet<String>>,
     idle: Condvar,
     tmpfs_budget: u64,
+    pub(crate) spares: Spares,
+}
+
+impl Drop for Engine {
+    /// Stops the spare thread and removes the spares nobody took: a stopped Berth leaves no
+    /// subvolume that no record owns.
+    fn drop(&mut self) {
+        for (pool, spare) in self.spares.stop() {
+            self.discard_spare(&pool, &spare);
+        }
+    }
 }
 
 /// Marks a key busy until dropped.
@@ -188,8 +207,17 @@ pub(crate) fn now_unix() -> u64 {
 }
 
 impl Engine {
-    /// Opens pools and journal, then reconciles records with the kernel.
+    /// Opens pools and journal, reconciles records with the kernel, then starts making spare
+    /// subvolumes.
     pub fn open(host: Arc<dyn HostOps>, cfg: EngineConfig) -> Result<Engine> {
+        let engine = Self::open_without_spare_thread(host, cfg)?;
+        engine.spares.start();
+        Ok(engine)
+    }
+
+    /// [`Engine::open`] without the thread that makes spares: for tests, which make them with
+    /// `spares.top_up()` where the order of host calls must be fixed.
+    pub(crate) fn open_without_spare_thread(host: Arc<dyn HostOps>, cfg: EngineConfig) -> Result<Engine> {
         host.create_dir_all(&cfg.data_dir, 0o700)?;
         for dir in ["tmpfs", "staged"] {
             host.create_dir_all(&cfg.data_dir.join(dir), 0o700)?;
@@ -219,6 +247,7 @@ impl Engine {
             .values()
             .map(|v| (v.name.clone(), v.id.clone()))
             .collect();
+        let spares = Spares::new(host.clone(), pools.values().cloned().collect(), cfg.spare_subvolumes);
         let engine = Engine {
             host,
             cfg,
@@ -228,6 +257,7 @@ impl Engine {
             busy: Mutex::new(HashSet::new()),
             idle: Condvar::new(),
             tmpfs_budget,
+            spares,
         };
         engine.reconcile()?;
         Ok(engine)
@@ -303,8 +333,8 @@ impl Engine {
             .ok_or_else(|| EngineError::NotFound(format!("volume {id} does not exist")))
     }
 
-    /// Sets the qgroup limit of a subvolume just made for `id`; on failure removes the
-    /// subvolume again so a failed create leaves nothing behind.
+    /// Sets the qgroup limit of a subvolume just made (or moved into place) for `id`; on failure
+    /// removes the subvolume again so a failed create leaves nothing behind.
     pub(crate) fn limit_new_subvolume(&self, pool: &Pool, id: &VolumeId, sub: u64, capacity: u64) -> Result<()> {
         if let Err(e) = self.host.btrfs_qgroup_limit(&pool.root, sub, Some(capacity)) {
             if let Err(undo) = self.host.btrfs_subvolume_delete(&pool.volumes_dir(), id.as_str()) {
@@ -504,6 +534,8 @@ impl Engine {
             .map_err(|e| EngineError::Host(HostError::io("getrandom", "", std::io::Error::other(e.to_string()))))?;
         let span = tracing::info_span!("create_volume", volume_id = %id, name, kind = spec.kind.as_str());
         let _enter = span.enter();
+        // No spare is made while this create runs, journal commit included (spares.rs).
+        let _hold = self.spares.hold();
         let subvolume_id = match &origin {
             None => self.make_empty(&id, &spec)?,
             Some(o) => self.make_from(&id, &spec, o)?,
@@ -541,6 +573,12 @@ impl Engine {
         Ok(match spec.kind {
             Kind::Dir => {
                 let pool = self.pool(&spec.pool)?;
+                if let Some(sub) = self.place_spare(pool, id) {
+                    crash::point("create_volume.after_spare_rename");
+                    // Already NOCOW (spares.rs); only the limit is the volume's own.
+                    self.limit_new_subvolume(pool, id, sub, spec.capacity)?;
+                    return Ok(Some(sub));
+                }
                 let sub = self.host.btrfs_subvolume_create(&pool.volumes_dir(), id.as_str())?;
                 self.limit_new_subvolume(pool, id, sub, spec.capacity)?;
                 // Files made in the volume overwrite in place. With copy-on-write, a random
@@ -560,6 +598,44 @@ impl Engine {
                 None
             }
         })
+    }
+
+    /// Moves a ready spare of `pool` to `volumes/<id>` and returns its subvolume id; `None` when
+    /// no spare is ready or the move failed (the caller then makes the subvolume itself).
+    fn place_spare(&self, pool: &Pool, id: &VolumeId) -> Option<u64> {
+        let spare = self.spares.take(&pool.name)?;
+        match self
+            .host
+            .btrfs_subvolume_rename(&pool.spares_dir(), &spare.name, &pool.volumes_dir(), id.as_str())
+        {
+            Ok(()) => Some(spare.subvolume_id),
+            Err(e) => {
+                tracing::warn!(error = %e, spare = %spare.name, "could not move a spare subvolume into place; making one");
+                self.discard_spare(&pool.name, &spare);
+                None
+            }
+        }
+    }
+
+    /// Removes a spare nobody will take. A failure is only logged: the next start removes what
+    /// is left in `spares/`.
+    pub(crate) fn discard_spare(&self, pool: &str, spare: &Spare) {
+        let Some(pool) = self.pools.get(pool) else { return };
+        if let Err(e) = self.remove_subvolume(pool, &pool.spares_dir(), &spare.name, Some(spare.subvolume_id)) {
+            tracing::warn!(pool = %pool.name, spare = %spare.name, error = %e, "could not remove a spare subvolume; the next start will");
+        }
+    }
+
+    /// Deletes subvolume `dir/name`, which no record owns, and destroys qgroup 0/`sub`, or
+    /// retires it when the kernel still holds it (see [`Engine::reap_retired_qgroups`]).
+    pub(crate) fn remove_subvolume(&self, pool: &Pool, dir: &Path, name: &str, sub: Option<u64>) -> Result<()> {
+        self.host.btrfs_subvolume_delete(dir, name)?;
+        if let Some(sub) = sub
+            && self.host.btrfs_qgroup_destroy(&pool.root, sub).is_err()
+        {
+            self.retire_qgroup(&pool.name, sub)?;
+        }
+        Ok(())
     }
 
     fn existing_matches(

@@ -77,12 +77,41 @@ impl Env {
             pool_image_size: Some(16 * GIB),
             tmpfs_budget: Some(TMPFS_BUDGET),
             max_volumes_per_node: 0,
+            // No spares unless a test asks: the refill thread would add host calls at random
+            // points of every recording.
+            spare_subvolumes: 0,
         }
     }
 
     /// Opens an engine on this host and data dir (a start, or a restart once the last one is dropped).
     fn open(&self) -> Engine {
         Engine::open(self.host.clone(), self.config()).unwrap()
+    }
+
+    /// Opens an engine that keeps `spares` spare subvolumes, made in the test's thread (by
+    /// `spares.top_up()`), not by the refill thread, so that host calls come in a fixed order.
+    fn open_with_spares(&self, spares: usize) -> Engine {
+        let cfg = EngineConfig {
+            spare_subvolumes: spares,
+            ..self.config()
+        };
+        let engine = Engine::open_without_spare_thread(self.host.clone(), cfg).unwrap();
+        engine.spares.top_up();
+        engine
+    }
+
+    fn spares_dir(&self) -> PathBuf {
+        self.root().join("spares")
+    }
+
+    /// Subvolumes in the default pool's `spares/`, with their ids.
+    fn spare_subvolumes(&self) -> BTreeMap<PathBuf, u64> {
+        let dir = self.spares_dir();
+        self.host
+            .subvolumes()
+            .into_iter()
+            .filter(|(p, _)| p.parent() == Some(&dir))
+            .collect()
     }
 
     fn root(&self) -> PathBuf {
@@ -1468,4 +1497,323 @@ fn unpublish_leaves_another_volumes_mount_alone(#[values(Kind::Dir, Kind::Fs, Ki
     assert_eq!(code(&r), "ok", "{r:?}");
     assert_eq!(env.mount_table(), mounts, "volume a is still published at T1");
     assert_eq!(engine.published_targets(&a.id), vec![p(T1)]);
+}
+
+// ---- spare subvolumes ----
+
+/// The parts of a record that do not depend on which create made it.
+fn shape(v: &VolumeRecord) -> VolumeRecord {
+    VolumeRecord {
+        id: VolumeId::parse("00000000000000000000000000000000").unwrap(),
+        name: String::new(),
+        subvolume_id: v.subvolume_id.map(|_| 0),
+        created_unix: 0,
+        ..v.clone()
+    }
+}
+
+#[test]
+fn spares_are_empty_nocow_subvolumes_without_a_limit() {
+    let env = Env::new();
+    let engine = env.open_with_spares(3);
+    let spares = env.spare_subvolumes();
+    assert_eq!(spares.len(), 3);
+    assert_eq!(engine.spares.ready(crate::DEFAULT_POOL).len(), 3);
+    for (path, sub) in &spares {
+        assert!(env.host.nocow(path), "{}", path.display());
+        let q = env.host.qgroups().into_iter().find(|q| q.subvolume_id == *sub);
+        assert_eq!(
+            q.map(|q| q.max_referenced),
+            Some(None),
+            "qgroup 0/{sub} exists, unlimited"
+        );
+        assert!(env.host.files().keys().all(|f| !f.starts_with(path)), "empty");
+    }
+    assert_eq!(env.backends(Kind::Dir), 0, "no volume yet");
+    assert!(engine.records().volumes.is_empty());
+}
+
+#[test]
+fn a_dir_create_takes_a_spare_and_only_renames_and_limits() {
+    let env = Env::new();
+    let engine = env.open_with_spares(2);
+    let before = env.spare_subvolumes();
+    env.host.clear_calls();
+    let vol = create(&engine, "v", Kind::Dir);
+    let calls = env.host.mutating_calls();
+    let sub = vol.subvolume_id.unwrap();
+    let (spare, _) = before
+        .iter()
+        .find(|(_, id)| **id == sub)
+        .expect("the volume is one of the spares");
+    assert_eq!(
+        calls,
+        vec![
+            Call::BtrfsSubvolumeRename {
+                from_parent: env.spares_dir(),
+                from_name: spare.file_name().unwrap().to_string_lossy().into_owned(),
+                to_parent: env.volumes_dir(),
+                to_name: vol.id.to_string(),
+            },
+            Call::BtrfsQgroupLimit {
+                mount: env.root(),
+                subvolume_id: sub,
+                max_referenced: Some(SIZE),
+            },
+        ]
+    );
+    assert_eq!(
+        count(&env.host.calls(), "btrfs_subvolume_create"),
+        0,
+        "no create on the critical path"
+    );
+    assert!(env.host.nocow(&env.subvolume(&vol.id)), "NOCOW came with the spare");
+    let q = env.host.qgroups().into_iter().find(|q| q.subvolume_id == sub).unwrap();
+    assert_eq!(q.max_referenced, Some(SIZE));
+    assert_eq!(env.spare_subvolumes().len(), 1);
+    assert_eq!(engine.spares.ready(crate::DEFAULT_POOL).len(), 1);
+
+    // The refill makes one more in spares/, never in volumes/.
+    env.host.clear_calls();
+    engine.spares.top_up();
+    assert_eq!(count(&env.host.calls(), "btrfs_subvolume_create"), 1);
+    assert_eq!(env.spare_subvolumes().len(), 2);
+    assert_eq!(env.backends(Kind::Dir), 1);
+
+    // Durable like any other create.
+    drop(engine);
+    let engine = env.open();
+    assert_eq!(engine.volume(vol.id.as_str()).unwrap(), vol);
+}
+
+#[test]
+fn without_a_ready_spare_a_create_makes_its_own_with_the_same_result() {
+    let env = Env::new();
+    let engine = env.open_with_spares(1);
+    let from_spare = create(&engine, "a", Kind::Dir);
+    env.host.clear_calls();
+    let inline = create(&engine, "b", Kind::Dir);
+    assert_eq!(
+        env.host.mutating_calls(),
+        vec![
+            Call::BtrfsSubvolumeCreate {
+                parent: env.volumes_dir(),
+                name: inline.id.to_string(),
+            },
+            Call::BtrfsQgroupLimit {
+                mount: env.root(),
+                subvolume_id: inline.subvolume_id.unwrap(),
+                max_referenced: Some(SIZE),
+            },
+            Call::SetNocow {
+                path: env.subvolume(&inline.id),
+                on: true,
+            },
+        ]
+    );
+    assert_eq!(shape(&from_spare), shape(&inline), "same record either way");
+    for v in [&from_spare, &inline] {
+        assert!(env.host.nocow(&env.subvolume(&v.id)));
+        let q = env
+            .host
+            .qgroups()
+            .into_iter()
+            .find(|q| Some(q.subvolume_id) == v.subvolume_id);
+        assert_eq!(q.unwrap().max_referenced, Some(SIZE));
+    }
+    assert_eq!(env.backends(Kind::Dir), 2);
+    assert!(env.spare_subvolumes().is_empty());
+}
+
+#[test]
+fn a_failed_limit_after_taking_a_spare_removes_the_subvolume() {
+    let env = Env::new();
+    let engine = env.open_with_spares(2);
+    env.host.clear_calls();
+    env.host.fail_next("btrfs_qgroup_limit", libc::EIO);
+    let r = engine.create_volume("v", params(Kind::Dir), vec![cap(Kind::Dir)], size(SIZE));
+    assert_eq!(errno(&r), Some(libc::EIO), "{r:?}");
+    let calls = env.host.calls();
+    let Some(Call::BtrfsSubvolumeRename { to_name, .. }) = calls.iter().find(|c| c.op() == "btrfs_subvolume_rename")
+    else {
+        panic!("no rename in {calls:?}");
+    };
+    let Some(Call::BtrfsQgroupLimit { subvolume_id: sub, .. }) = calls.iter().find(|c| c.op() == "btrfs_qgroup_limit")
+    else {
+        panic!("no limit in {calls:?}");
+    };
+    assert_eq!(
+        removals(&calls),
+        vec![
+            Call::BtrfsSubvolumeDelete {
+                parent: env.volumes_dir(),
+                name: to_name.clone(),
+            },
+            Call::BtrfsQgroupDestroy {
+                mount: env.root(),
+                subvolume_id: *sub,
+            },
+        ]
+    );
+    assert!(engine.records().volumes.is_empty());
+    assert_eq!(env.backends(Kind::Dir), 0);
+    assert!(env.host.qgroups().iter().all(|q| q.subvolume_id != *sub));
+    assert_eq!(env.spare_subvolumes().len(), 1, "the other spare is still there");
+    // A retry takes the other spare.
+    let vol = create(&engine, "v", Kind::Dir);
+    assert_eq!(env.backends(Kind::Dir), 1);
+    assert!(env.spare_subvolumes().is_empty());
+    assert!(env.host.nocow(&env.subvolume(&vol.id)));
+}
+
+#[test]
+fn a_failed_rename_discards_the_spare_and_makes_the_subvolume_inline() {
+    let env = Env::new();
+    let engine = env.open_with_spares(1);
+    let (spare, spare_sub) = env.spare_subvolumes().into_iter().next().unwrap();
+    env.host.clear_calls();
+    env.host.fail_next("btrfs_subvolume_rename", libc::EIO);
+    let vol = create(&engine, "v", Kind::Dir);
+    assert_ne!(vol.subvolume_id, Some(spare_sub));
+    assert_eq!(
+        removals(&env.host.calls()),
+        vec![
+            Call::BtrfsSubvolumeDelete {
+                parent: env.spares_dir(),
+                name: spare.file_name().unwrap().to_string_lossy().into_owned(),
+            },
+            Call::BtrfsQgroupDestroy {
+                mount: env.root(),
+                subvolume_id: spare_sub,
+            },
+        ]
+    );
+    assert!(env.spare_subvolumes().is_empty());
+    assert!(env.host.qgroups().iter().all(|q| q.subvolume_id != spare_sub));
+    assert_eq!(count(&env.host.calls(), "btrfs_subvolume_create"), 1);
+    assert!(env.host.nocow(&env.subvolume(&vol.id)));
+}
+
+#[test]
+fn open_removes_spares_an_earlier_run_left() {
+    let env = Env::new();
+    let engine = env.open();
+    let keep = create(&engine, "keep", Kind::Dir);
+    drop(engine);
+    // What a crash leaves: ready spares, and one made but not yet NOCOW.
+    let h = &env.host;
+    let ready = h.btrfs_subvolume_create(&env.spares_dir(), "0123").unwrap();
+    h.set_nocow(&env.spares_dir().join("0123"), true).unwrap();
+    let half = h.btrfs_subvolume_create(&env.spares_dir(), "4567").unwrap();
+    h.clear_calls();
+
+    let engine = env.open_with_spares(0);
+    assert_eq!(
+        removals(&h.calls()),
+        vec![
+            Call::BtrfsSubvolumeDelete {
+                parent: env.spares_dir(),
+                name: "0123".into(),
+            },
+            Call::BtrfsQgroupDestroy {
+                mount: env.root(),
+                subvolume_id: ready,
+            },
+            Call::BtrfsSubvolumeDelete {
+                parent: env.spares_dir(),
+                name: "4567".into(),
+            },
+            Call::BtrfsQgroupDestroy {
+                mount: env.root(),
+                subvolume_id: half,
+            },
+        ]
+    );
+    assert!(env.spare_subvolumes().is_empty());
+    assert!(
+        h.qgroups()
+            .iter()
+            .all(|q| q.subvolume_id != ready && q.subvolume_id != half)
+    );
+    assert_eq!(engine.volume(keep.id.as_str()).unwrap(), keep);
+    assert_eq!(env.backends(Kind::Dir), 1);
+}
+
+#[test]
+fn a_busy_spare_qgroup_is_retired_at_open() {
+    let env = Env::new();
+    drop(env.open());
+    let sub = env.host.btrfs_subvolume_create(&env.spares_dir(), "0123").unwrap();
+    env.host.fail_next("btrfs_qgroup_destroy", libc::EBUSY);
+    env.host.fail_next("btrfs_qgroup_destroy", libc::EBUSY);
+    let engine = env.open();
+    assert!(env.spare_subvolumes().is_empty());
+    assert_eq!(engine.records().retired_qgroups, vec![("default".to_owned(), sub)]);
+    engine.reap_retired_qgroups().unwrap();
+    assert!(engine.records().retired_qgroups.is_empty());
+    assert!(env.host.qgroups().iter().all(|q| q.subvolume_id != sub));
+}
+
+#[test]
+fn dropping_the_engine_removes_its_spares() {
+    let env = Env::new();
+    let engine = env.open_with_spares(3);
+    let vol = create(&engine, "v", Kind::Dir);
+    let spares = env.spare_subvolumes();
+    assert_eq!(spares.len(), 2);
+    env.host.clear_calls();
+    drop(engine);
+    assert_eq!(count(&env.host.calls(), "btrfs_subvolume_delete"), 2);
+    assert!(env.spare_subvolumes().is_empty());
+    for sub in spares.values() {
+        assert!(env.host.qgroups().iter().all(|q| q.subvolume_id != *sub));
+    }
+    // The volume that took a spare is not a spare any more.
+    assert_eq!(env.backends(Kind::Dir), 1);
+    assert_eq!(env.open().volume(vol.id.as_str()).unwrap(), vol);
+}
+
+#[test]
+fn the_refill_thread_keeps_each_pool_at_its_target() {
+    let env = Env::new();
+    let cfg = EngineConfig {
+        spare_subvolumes: 2,
+        ..env.config()
+    };
+    let engine = Engine::open(env.host.clone(), cfg).unwrap();
+    let ready = |n: usize| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while engine.spares.ready(crate::DEFAULT_POOL).len() != n {
+            assert!(std::time::Instant::now() < deadline, "spares never reached {n}");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    };
+    ready(2);
+    let vols: Vec<VolumeRecord> = (0..5).map(|i| create(&engine, &format!("v{i}"), Kind::Dir)).collect();
+    ready(2);
+    assert_eq!(env.spare_subvolumes().len(), 2, "never more than the target");
+    assert_eq!(env.backends(Kind::Dir), 5);
+    for v in &vols {
+        assert!(env.host.nocow(&env.subvolume(&v.id)));
+        let q = env
+            .host
+            .qgroups()
+            .into_iter()
+            .find(|q| Some(q.subvolume_id) == v.subvolume_id);
+        assert_eq!(q.unwrap().max_referenced, Some(SIZE));
+    }
+    drop(engine);
+    assert!(env.spare_subvolumes().is_empty(), "a stopped engine leaves no spare");
+    assert_eq!(env.backends(Kind::Dir), 5);
+}
+
+#[test]
+fn teardown_removes_spares_a_crash_left() {
+    let env = Env::new();
+    drop(env.open());
+    env.host.btrfs_subvolume_create(&env.spares_dir(), "0123").unwrap();
+    env.host.btrfs_subvolume_create(&env.spares_dir(), "4567").unwrap();
+    crate::teardown::teardown(env.host.as_ref(), &env.data).unwrap();
+    assert!(env.spare_subvolumes().is_empty());
+    assert!(env.mount_table().is_empty(), "and the pool is unmounted");
 }

@@ -6,6 +6,7 @@
 //!   per-directory limits itself.
 //! - [`journal`]: the durable records (redb), committed before any client is answered.
 //! - [`reconcile`]: start-up repair that makes the kernel agree with the journal.
+//! - [`spares`]: empty subvolumes made ahead of time, so a dir CreateVolume is a rename.
 //! - [`spec`]: pure decisions about what a request asks for.
 //! - [`csi`]: the engine served as a CSI driver.
 //!
@@ -21,6 +22,7 @@ pub mod journal;
 pub mod pool;
 mod reconcile;
 mod snapshot;
+mod spares;
 pub mod spec;
 pub mod teardown;
 mod wal;

@@ -34,7 +34,7 @@ pub enum PoolError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pool {
     pub name: String,
-    /// The btrfs directory holding `volumes/` and `images/`.
+    /// The btrfs directory holding `volumes/`, `images/`, `snapshots/` and `spares/`.
     pub root: PathBuf,
     /// The image file backing the pool, when Berth made the filesystem.
     pub image: Option<PathBuf>,
@@ -51,6 +51,11 @@ impl Pool {
 
     pub fn snapshots_dir(&self) -> PathBuf {
         self.root.join("snapshots")
+    }
+
+    /// Empty subvolumes made ahead of dir CreateVolume calls (see `spares.rs`).
+    pub fn spares_dir(&self) -> PathBuf {
+        self.root.join("spares")
     }
 
     /// The read-only subvolume of a dir or tmpfs snapshot.
@@ -126,6 +131,7 @@ impl Pool {
         host.create_dir_all(&pool.volumes_dir(), 0o700).map_err(h)?;
         host.create_dir_all(&pool.images_dir(), 0o700).map_err(h)?;
         host.create_dir_all(&pool.snapshots_dir(), 0o700).map_err(h)?;
+        host.create_dir_all(&pool.spares_dir(), 0o700).map_err(h)?;
         Ok(pool)
     }
 

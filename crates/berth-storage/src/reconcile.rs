@@ -4,7 +4,8 @@
 //! committed) or a record without its kernel object (a reboot drops mounts and loop devices).
 //! At start Berth
 //! 1. finishes deletions that were marked but not done;
-//! 2. removes subvolumes, images, tmpfs mounts and private mounts no record owns;
+//! 2. removes subvolumes, images, tmpfs mounts and private mounts no record owns, and the spare
+//!    subvolumes an earlier run left (a spare is made again rather than trusted half-made);
 //! 3. unmounts mounts of Berth's volumes that no stage or publish record owns (a crash between
 //!    mount and commit: the client saw an error and will retry);
 //! 4. re-makes recorded stages and publishes whose mounts are gone (after a reboot), and drops
@@ -65,15 +66,15 @@ impl Engine {
             for name in self.host.list_dir(&pool.volumes_dir())? {
                 if !live(&name) {
                     tracing::warn!(pool = %pool.name, subvolume = %name, "removing a subvolume no record owns");
-                    let path = pool.volumes_dir().join(&name);
-                    let sub = self.host.btrfs_subvolume_id(&path).ok();
-                    self.host.btrfs_subvolume_delete(&pool.volumes_dir(), &name)?;
-                    if let Some(sub) = sub
-                        && self.host.btrfs_qgroup_destroy(&pool.root, sub).is_err()
-                    {
-                        self.retire_qgroup(&pool.name, sub)?;
-                    }
+                    let sub = self.host.btrfs_subvolume_id(&pool.volumes_dir().join(&name)).ok();
+                    self.remove_subvolume(pool, &pool.volumes_dir(), &name, sub)?;
                 }
+            }
+            // The refill thread has not started yet, so every spare here is an earlier run's.
+            for name in self.host.list_dir(&pool.spares_dir())? {
+                tracing::info!(pool = %pool.name, subvolume = %name, "removing a spare subvolume an earlier run left");
+                let sub = self.host.btrfs_subvolume_id(&pool.spares_dir().join(&name)).ok();
+                self.remove_subvolume(pool, &pool.spares_dir(), &name, sub)?;
             }
             let snapshot_live = |id: &str| VolumeId::parse(id).is_some_and(|id| records.snapshots.contains_key(&id));
             for name in self.host.list_dir(&pool.snapshots_dir())? {
@@ -85,12 +86,7 @@ impl Engine {
                 } else if !snapshot_live(&name) {
                     tracing::warn!(pool = %pool.name, subvolume = %name, "removing a snapshot no record owns");
                     let sub = self.host.btrfs_subvolume_id(&pool.snapshots_dir().join(&name)).ok();
-                    self.host.btrfs_subvolume_delete(&pool.snapshots_dir(), &name)?;
-                    if let Some(sub) = sub
-                        && self.host.btrfs_qgroup_destroy(&pool.root, sub).is_err()
-                    {
-                        self.retire_qgroup(&pool.name, sub)?;
-                    }
+                    self.remove_subvolume(pool, &pool.snapshots_dir(), &name, sub)?;
                 }
             }
             let loops = self.host.loop_devices()?;

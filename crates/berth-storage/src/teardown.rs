@@ -3,6 +3,10 @@
 //! Unmounts every mount of the data dir's pools, images and tmpfs volumes (including stage and
 //! publish binds outside the data dir) and detaches the loop devices backed by files under it.
 //! Data stays on disk; a later start mounts it all again. For uninstalling and for tests.
+//!
+//! Spare subvolumes (`spares.rs`) are not data: a stopped engine removes its own, and teardown
+//! first removes any a crash left in the data dir's pools, so that nothing Berth made for itself
+//! outlives it. (Spares in extra pools outside the data dir are removed by the next start.)
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -11,6 +15,10 @@ use berth_host::{HostError, HostOps, Unmounted};
 
 /// Unmounts and detaches everything that belongs to `data_dir`. Idempotent.
 pub fn teardown(host: &dyn HostOps, data_dir: &Path) -> Result<(), HostError> {
+    if let Err(e) = remove_spares(host, data_dir) {
+        // Not a reason to leave anything mounted: the next start removes spares too.
+        tracing::warn!(error = %e, "could not remove spare subvolumes; the next start will");
+    }
     let mut loops: Vec<_> = host
         .loop_devices()?
         .into_iter()
@@ -51,6 +59,23 @@ pub fn teardown(host: &dyn HostOps, data_dir: &Path) -> Result<(), HostError> {
     }
     for l in loops {
         host.loop_detach(&l)?;
+    }
+    Ok(())
+}
+
+/// Deletes the subvolumes in `spares/` of the data dir's own pools (mounted at `pools/NAME/fs`,
+/// or `pools/NAME` itself on a btrfs data dir). Their qgroups need no destroy here: the kernel
+/// drops a deleted subvolume's level-0 qgroup along with the subvolume (seen on 6.18, also when
+/// the pool is unmounted right after the delete).
+fn remove_spares(host: &dyn HostOps, data_dir: &Path) -> Result<(), HostError> {
+    let pools = data_dir.join("pools");
+    for name in host.list_dir(&pools)? {
+        for root in [pools.join(&name).join("fs"), pools.join(&name)] {
+            let spares = root.join("spares");
+            for spare in host.list_dir(&spares)? {
+                host.btrfs_subvolume_delete(&spares, &spare)?;
+            }
+        }
     }
     Ok(())
 }

@@ -85,6 +85,9 @@ struct CsiArgs {
     /// Quick run for CI: 20 volumes per kind.
     #[arg(long)]
     smoke: bool,
+    /// Spare subvolumes per pool (0: every dir create makes its own subvolume) [default: 4].
+    #[arg(long)]
+    spare_subvolumes: Option<usize>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -313,15 +316,23 @@ impl Drop for Scratch {
     }
 }
 
+/// What the bench's engine is opened with, besides its scratch data dir (`None`: the default).
+#[derive(Clone, Copy, Debug, Default)]
+struct EngineSizes {
+    pool_size: Option<u64>,
+    tmpfs_budget: Option<u64>,
+    spare_subvolumes: Option<usize>,
+}
+
 /// Runs `body` with the engine served on the scratch socket and a connected client, then stops
 /// the server and cleans the scratch space up, whatever happened. Ctrl-C ends the body early.
-fn with_driver<T, F, Fut>(scratch: Scratch, pool_size: Option<u64>, tmpfs_budget: Option<u64>, body: F) -> Result<T>
+fn with_driver<T, F, Fut>(scratch: Scratch, sizes: EngineSizes, body: F) -> Result<T>
 where
     F: FnOnce(Client, Arc<Scratch>) -> Fut,
     Fut: Future<Output = Result<T>>,
 {
     let scratch = Arc::new(scratch);
-    let outcome = serve_and_run(&scratch, pool_size, tmpfs_budget, body);
+    let outcome = serve_and_run(&scratch, sizes, body);
     // Every clone of the scratch handle lived inside the runtime, which is gone by now.
     let cleaned = match Arc::try_unwrap(scratch) {
         Ok(mut s) => s.cleanup(),
@@ -335,12 +346,7 @@ where
     }
 }
 
-fn serve_and_run<T, F, Fut>(
-    scratch: &Arc<Scratch>,
-    pool_size: Option<u64>,
-    tmpfs_budget: Option<u64>,
-    body: F,
-) -> Result<T>
+fn serve_and_run<T, F, Fut>(scratch: &Arc<Scratch>, sizes: EngineSizes, body: F) -> Result<T>
 where
     F: FnOnce(Client, Arc<Scratch>) -> Fut,
     Fut: Future<Output = Result<T>>,
@@ -348,8 +354,9 @@ where
     let cfg = engine_config(NodeOpts {
         data_dir: Some(scratch.data_dir.clone()),
         node_id: Some("bench".into()),
-        default_pool_size: pool_size,
-        tmpfs_budget,
+        default_pool_size: sizes.pool_size,
+        tmpfs_budget: sizes.tmpfs_budget,
+        spare_subvolumes: sizes.spare_subvolumes,
         ..NodeOpts::default()
     })?;
     let engine = open_engine(cfg)?;
@@ -547,31 +554,33 @@ fn run_csi(args: CsiArgs) -> Result<()> {
         .map(|&kind| VolumeClass { kind, fs: args.fs })
         .collect();
     println!(
-        "berth bench csi: {count} volumes of {} per kind, one call at a time; {}",
+        "berth bench csi: {count} volumes of {} per kind, one call at a time, {} spare subvolumes; {}",
         mebibytes(args.size),
+        args.spare_subvolumes
+            .unwrap_or(berth_storage::engine::DEFAULT_SPARE_SUBVOLUMES),
         machine_line()
     );
     let size = args.size;
-    let rows = with_driver(
-        scratch,
-        Some(pool_size),
-        Some(tmpfs_budget),
-        |mut client, scratch| async move {
-            let mut rows = Vec::new();
-            for class in classes {
-                let started = Instant::now();
-                let kind_rows = bench_kind(&mut client, &scratch, class, count, size).await?;
-                eprintln!(
-                    "berth bench csi: {} done in {:.1} s",
-                    class.label(),
-                    started.elapsed().as_secs_f64()
-                );
-                eprint!("{}", latency_table(&kind_rows));
-                rows.extend(kind_rows);
-            }
-            Ok(rows)
-        },
-    )?;
+    let sizes = EngineSizes {
+        pool_size: Some(pool_size),
+        tmpfs_budget: Some(tmpfs_budget),
+        spare_subvolumes: args.spare_subvolumes,
+    };
+    let rows = with_driver(scratch, sizes, |mut client, scratch| async move {
+        let mut rows = Vec::new();
+        for class in classes {
+            let started = Instant::now();
+            let kind_rows = bench_kind(&mut client, &scratch, class, count, size).await?;
+            eprintln!(
+                "berth bench csi: {} done in {:.1} s",
+                class.label(),
+                started.elapsed().as_secs_f64()
+            );
+            eprint!("{}", latency_table(&kind_rows));
+            rows.extend(kind_rows);
+        }
+        Ok(rows)
+    })?;
     println!("at the end: {}", machine_line());
     print!("{}", latency_table(&rows));
     Ok(())
@@ -929,7 +938,11 @@ fn run_fio(args: FioArgs) -> Result<()> {
     let fs = args.fs;
     let (rounds, choice) = (args.rounds, args.ioengine);
 
-    with_driver(scratch, Some(pool_size), None, |mut client, scratch| async move {
+    let sizes = EngineSizes {
+        pool_size: Some(pool_size),
+        ..EngineSizes::default()
+    };
+    with_driver(scratch, sizes, |mut client, scratch| async move {
         let baseline = pool_root(&scratch.data_dir)?.join("bench-baseline");
         std::fs::create_dir_all(&baseline).with_context(|| format!("creating {}", baseline.display()))?;
         let ioengine = pick_ioengine(choice, &baseline, &scratch.work).await?;

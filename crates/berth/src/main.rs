@@ -44,7 +44,7 @@ enum LogFormat {
 #[derive(Debug, Default, clap::Args)]
 pub(crate) struct NodeOpts {
     /// A YAML config file (see docs/config.md): dataDir, nodeId, pools, defaultPoolSize,
-    /// tmpfsBudget, maxVolumesPerNode.
+    /// tmpfsBudget, maxVolumesPerNode, spareSubvolumes.
     #[arg(long, env = "BERTH_CONFIG")]
     config: Option<PathBuf>,
     /// Where Berth keeps its journal and its default pool [default: /var/lib/berth].
@@ -67,6 +67,10 @@ pub(crate) struct NodeOpts {
     /// Volumes this node accepts (0: no limit), reported in NodeGetInfo.
     #[arg(long)]
     max_volumes_per_node: Option<i64>,
+    /// Empty subvolumes each pool keeps ready so that a dir CreateVolume is a rename
+    /// (0: every create makes its own) [default: 4].
+    #[arg(long)]
+    spare_subvolumes: Option<usize>,
 }
 
 /// The config file. Unknown keys are refused, so a typo is not silently ignored.
@@ -80,6 +84,7 @@ struct ConfigFile {
     default_pool_size: Option<String>,
     tmpfs_budget: Option<String>,
     max_volumes_per_node: Option<i64>,
+    spare_subvolumes: Option<usize>,
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -119,6 +124,7 @@ impl NodeOpts {
                 .or(size("defaultPoolSize", file.default_pool_size)?),
             tmpfs_budget: self.tmpfs_budget.or(size("tmpfsBudget", file.tmpfs_budget)?),
             max_volumes_per_node: self.max_volumes_per_node.or(file.max_volumes_per_node),
+            spare_subvolumes: self.spare_subvolumes.or(file.spare_subvolumes),
         })
     }
 }
@@ -227,6 +233,9 @@ pub(crate) fn engine_config(node: NodeOpts) -> Result<EngineConfig> {
         pool_image_size: node.default_pool_size,
         tmpfs_budget: node.tmpfs_budget,
         max_volumes_per_node: node.max_volumes_per_node.unwrap_or(0),
+        spare_subvolumes: node
+            .spare_subvolumes
+            .unwrap_or(berth_storage::engine::DEFAULT_SPARE_SUBVOLUMES),
     })
 }
 
@@ -314,7 +323,7 @@ mod tests {
         let path = dir.path().join("berth.yaml");
         std::fs::write(
             &path,
-            "dataDir: /srv/berth\nnodeId: n7\ndefaultPoolSize: 8G\npools:\n  - name: fast\n    path: /mnt/fast\n",
+            "dataDir: /srv/berth\nnodeId: n7\ndefaultPoolSize: 8G\nspareSubvolumes: 2\npools:\n  - name: fast\n    path: /mnt/fast\n",
         )
         .unwrap();
         let opts = NodeOpts {
@@ -327,6 +336,7 @@ mod tests {
         assert_eq!(opts.data_dir, Some(PathBuf::from("/srv/berth")));
         assert_eq!(opts.node_id.as_deref(), Some("flag-wins"));
         assert_eq!(opts.default_pool_size, Some(8 << 30));
+        assert_eq!(opts.spare_subvolumes, Some(2));
         assert_eq!(opts.pools, vec![("fast".to_owned(), PathBuf::from("/mnt/fast"))]);
 
         std::fs::write(&path, "dataDir: /x\ncolour: blue\n").unwrap();

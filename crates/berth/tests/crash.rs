@@ -11,7 +11,7 @@ mod common;
 use std::path::PathBuf;
 
 use berth_csi::v1;
-use common::{Csi, Daemon, Kind, mount_count, skip_unless_root, use_volume};
+use common::{Csi, Daemon, Kind, SPARES, btrfs_leaks, dir_names, mount_count, skip_unless_root, use_volume};
 
 /// The RPC a crash point sits in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,6 +115,11 @@ async fn crash_in(point: &'static str, crash_step: Step, kind: Kind) {
     // ...which is then stopped with SIGTERM (leaving volumes staged and published) and started
     // again with the crash point armed.
     d.restart_with(Some(point)).await;
+    if point == "create_volume.after_spare_rename" {
+        // Reached only when a spare is ready. The daemon makes one at a time and lists it once
+        // it is complete, so with two in spares/ at least one is.
+        d.wait_for_spares(2).await;
+    }
     let result = run_step(&d.csi(), kind, crash_step, &mut v).await;
     d.expect_crash_and_restart(point, result).await;
 
@@ -178,6 +183,7 @@ macro_rules! crash_tests {
 }
 
 crash_tests! {
+    create_after_spare_rename_dir: "create_volume.after_spare_rename", Kind::Dir;
     create_after_backend_dir: "create_volume.after_backend", Kind::Dir;
     create_after_backend_fs: "create_volume.after_backend", Kind::Fs("ext4");
     create_after_backend_block: "create_volume.after_backend", Kind::Block;
@@ -235,4 +241,83 @@ log_crash_tests! {
     unpublish_after_log_block: Step::Unpublish, Kind::Block;
     unstage_after_log_tmpfs: Step::Unstage, Kind::Tmpfs;
     delete_after_log_dir: Step::Delete, Kind::Dir;
+}
+
+/// Spare subvolumes are not data: a clean stop removes them, a SIGKILL leaves them for the next
+/// start, and `berth teardown` removes them too, qgroups included (checked on the pool image
+/// mounted again by hand after the teardown).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spares_leave_nothing_after_a_stop_a_crash_or_a_teardown() {
+    if skip_unless_root("crash-spares") {
+        return;
+    }
+    let mut d = Daemon::start("spares").await;
+    d.wait_for_spares(SPARES).await;
+    let spares = d.spares_dir();
+    let pool = spares.parent().expect("spares/ is in a pool").to_owned();
+    let vol = d
+        .csi()
+        .create("kept", Kind::Dir, Kind::Dir.test_size())
+        .await
+        .expect("CreateVolume");
+    d.wait_for_spares(SPARES).await;
+    d.assert_clean().await;
+    let live = std::collections::BTreeSet::from([vol.volume_id.clone()]);
+
+    // SIGTERM: the spares go, the volume stays; nothing else is left in the pool.
+    let status = d.stop().expect("the daemon was running");
+    assert!(
+        status.success(),
+        "berth csi exited with {status}; log:\n{}",
+        d.log_tail(30)
+    );
+    assert_eq!(dir_names(&spares), Vec::<String>::new(), "spares after a clean stop");
+    assert_eq!(btrfs_leaks(&pool, &live), Vec::<String>::new());
+
+    // SIGKILL leaves spares; the next start replaces them, no more than the target.
+    d.restart().await;
+    d.wait_for_spares(SPARES).await;
+    let before_kill = dir_names(&spares);
+    d.kill();
+    assert_eq!(dir_names(&spares), before_kill, "a crash leaves the spares");
+    d.restart().await;
+    d.wait_for_spares(SPARES).await;
+    assert!(
+        dir_names(&spares).iter().all(|s| !before_kill.contains(s)),
+        "an earlier run's spares are removed"
+    );
+    d.assert_clean().await;
+
+    // SIGKILL, then teardown: no spare and no qgroup without its subvolume on the image.
+    d.kill();
+    let teardown = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+        .arg("teardown")
+        .arg("--data-dir")
+        .arg(&d.data_dir)
+        .status()
+        .expect("run berth teardown");
+    assert!(teardown.success(), "berth teardown: {teardown}");
+    let image = d.data_dir.join("pools/default/pool.img");
+    let look = d.root.join("look");
+    std::fs::create_dir_all(&look).expect("mkdir");
+    let mounted = std::process::Command::new("mount")
+        .arg("-o")
+        .arg("loop")
+        .arg(&image)
+        .arg(&look)
+        .status()
+        .expect("mount the pool image");
+    assert!(mounted.success(), "mount -o loop {}", image.display());
+    let found = (dir_names(&look.join("spares")), btrfs_leaks(&look, &live));
+    let _ = std::process::Command::new("umount").arg(&look).status();
+    assert_eq!(found, (vec![], vec![]), "spares or stray qgroups after berth teardown");
+
+    // The volume is still there for the next start; it deletes cleanly.
+    d.restart().await;
+    assert_eq!(
+        d.csi().list_ids().await.expect("ListVolumes"),
+        vec![vol.volume_id.clone()]
+    );
+    d.csi().delete(&vol.volume_id).await.expect("DeleteVolume");
+    d.assert_clean().await;
 }

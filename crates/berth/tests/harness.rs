@@ -10,7 +10,7 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-use common::{Daemon, Kind, MIB, mounts_under, skip_unless_root};
+use common::{Daemon, Kind, MIB, SPARES, mounts_under, skip_unless_root};
 
 fn sh(program: &str, args: &[&str]) -> String {
     let out = Command::new(program).args(args).output().expect("run a tool");
@@ -83,6 +83,22 @@ async fn leak_checker_sees_leftovers() {
     let leaks = d.leaks().await;
     assert_reported(&leaks, "volumes/0000000000000000000000000000beef", "a stray subvolume");
     sh("btrfs", &["subvolume", "delete", &sub.to_string_lossy()]);
+
+    // Spares are fine up to the daemon's target; one more, or one that is no subvolume, is not.
+    d.wait_for_spares(SPARES).await;
+    d.assert_clean().await;
+    let extra = d.spares_dir().join("0000000000000000000000000000cafe");
+    sh("btrfs", &["subvolume", "create", &extra.to_string_lossy()]);
+    assert_reported(&d.leaks().await, &format!("more than the {SPARES}"), "a spare too many");
+    sh("btrfs", &["subvolume", "delete", &extra.to_string_lossy()]);
+    let plain = d.spares_dir().join("plain");
+    fs::create_dir(&plain).expect("mkdir");
+    assert_reported(
+        &d.leaks().await,
+        "spares/plain is not a subvolume",
+        "a spare that is no subvolume",
+    );
+    fs::remove_dir(&plain).expect("rmdir");
 
     // A bind mount somewhere under the test dir.
     let src = d.root.join("bind-src");

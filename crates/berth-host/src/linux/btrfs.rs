@@ -11,7 +11,7 @@ use std::mem::size_of;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 
-use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
 use rustix::ioctl::{self, NoArg, Updater, opcode};
 
@@ -268,6 +268,25 @@ pub(super) fn subvolume_delete(parent: &Path, name: &str) -> Result<()> {
         Ok(()) | Err(Errno::NOENT) => Ok(()),
         Err(e) => Err(HostError::io(OP, &path, e)),
     }
+}
+
+pub(super) fn subvolume_rename(from_parent: &Path, from_name: &str, to_parent: &Path, to_name: &str) -> Result<()> {
+    const OP: &str = "btrfs subvolume rename";
+    let from = from_parent.join(from_name);
+    let to = to_parent.join(to_name);
+    check_name(OP, &from, from_name)?;
+    check_name(OP, &to, to_name)?;
+    let source_dir = open_dir(OP, from_parent)?;
+    let dest_dir = open_dir(OP, to_parent)?;
+    if subvolume_at(OP, &source_dir, &from, from_name)?.is_none() {
+        return Err(HostError::io(OP, &from, Errno::NOENT));
+    }
+    // Both names resolve in directories opened without following symlinks, and NOREPLACE
+    // never lets the move land on (and drop) something already at the destination.
+    rustix::fs::renameat_with(&source_dir, from_name, &dest_dir, to_name, RenameFlags::NOREPLACE).map_err(|e| {
+        let path = if e == Errno::EXIST { &to } else { &from };
+        HostError::io(OP, path, e)
+    })
 }
 
 /// Opens `path` as a subvolume root (inode 256), refusing anything else: the snapshot ioctl

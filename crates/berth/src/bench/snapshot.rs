@@ -72,27 +72,27 @@ pub(super) fn run(args: SnapshotArgs) -> Result<()> {
     );
     let fs = args.fs;
     let kinds = args.kinds.clone();
-    with_driver(
-        scratch,
-        Some(pool_size),
+    let sizes = EngineSizes {
+        pool_size: Some(pool_size),
         tmpfs_budget,
-        move |mut client, scratch| async move {
-            let mut rows = Vec::new();
-            let mut notes = Vec::new();
-            for kind in kinds {
-                let class = VolumeClass { kind, fs };
-                bench_kind(&mut client, &scratch, class, size, rounds, &mut rows, &mut notes).await?;
-            }
-            println!();
-            print!("{}", latency_table(&rows));
-            for n in &notes {
-                println!("note: {n}");
-            }
-            println!();
-            print!("{}", copy_table(&scratch, size, rounds).await?);
-            Ok(())
-        },
-    )
+        ..EngineSizes::default()
+    };
+    with_driver(scratch, sizes, move |mut client, scratch| async move {
+        let mut rows = Vec::new();
+        let mut notes = Vec::new();
+        for kind in kinds {
+            let class = VolumeClass { kind, fs };
+            bench_kind(&mut client, &scratch, class, size, rounds, &mut rows, &mut notes).await?;
+        }
+        println!();
+        print!("{}", latency_table(&rows));
+        for n in &notes {
+            println!("note: {n}");
+        }
+        println!();
+        print!("{}", copy_table(&scratch, size, rounds).await?);
+        Ok(())
+    })
 }
 
 #[allow(clippy::too_many_arguments)]

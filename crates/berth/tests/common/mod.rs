@@ -9,6 +9,8 @@
 //! Layout the leak checker relies on (what `berth csi` makes under its data dir `D`):
 //! - pool filesystems are btrfs on loop devices whose image lies under `D` but on no other mount
 //!   under the temp dir; inside a pool, `volumes/<id>` are subvolumes and `images/<id>.img` images;
+//! - `spares/<name>` in a pool are spare subvolumes the daemon keeps for dir CreateVolume: at
+//!   most [`SPARES`] per pool while it runs (none once it stopped cleanly), each a subvolume;
 //! - `D/tmpfs/<id>` holds the tmpfs mount of a tmpfs volume, `D/staged/<id>` the private mount
 //!   of a staged fs volume.
 
@@ -37,6 +39,8 @@ pub const GIB: u64 = 1 << 30;
 
 /// Default pool image of a test daemon: small, but fits a few 64 MiB fs volumes.
 pub const POOL_SIZE: u64 = GIB;
+/// Spare subvolumes the test daemon keeps per pool (`--spare-subvolumes`), Berth's default.
+pub const SPARES: usize = 4;
 /// Longest any single RPC may take before the test fails instead of hanging.
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(90);
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -408,6 +412,8 @@ impl Daemon {
             .arg(&self.data_dir)
             .arg("--default-pool-size")
             .arg(POOL_SIZE.to_string())
+            .arg("--spare-subvolumes")
+            .arg(SPARES.to_string())
             .env_remove("BERTH_CRASH_AT")
             .env_remove("BERTH_CONFIG")
             .env("NO_COLOR", "1")
@@ -519,6 +525,41 @@ impl Daemon {
                 _ => return None,
             }
         }
+    }
+
+    /// The default pool's `spares/` directory.
+    pub fn spares_dir(&self) -> PathBuf {
+        let pool = self.data_dir.join("pools").join("default");
+        let on_image = pool.join("fs").join("spares");
+        if on_image.exists() {
+            on_image
+        } else {
+            pool.join("spares")
+        }
+    }
+
+    /// Waits until the default pool holds at least `n` spare subvolumes (the daemon makes them
+    /// in the background after it starts).
+    pub async fn wait_for_spares(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while dir_names(&self.spares_dir()).len() < n {
+            assert!(
+                Instant::now() < deadline,
+                "fewer than {n} spare subvolumes in {} after 30 s; log:\n{}",
+                self.spares_dir().display(),
+                self.log_tail(30)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Kills the daemon with SIGKILL, as a crash would, and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.csi = None;
     }
 
     /// Sends SIGTERM and waits (SIGKILL after 15 s). Returns how the process ended.
@@ -768,9 +809,10 @@ pub fn dir_names(dir: &Path) -> Vec<String> {
     names
 }
 
-/// btrfs subvolumes outside `volumes/<live id>`, and level-0 qgroups without a subvolume, after
-/// the cleaner has dropped deleted subvolumes.
-fn btrfs_leaks(pool: &Path, live: &BTreeSet<String>) -> Vec<String> {
+/// btrfs subvolumes outside `volumes/<live id>` and `spares/`, more than [`SPARES`] spares or a
+/// spare that is no subvolume, and level-0 qgroups without a subvolume, after the cleaner has
+/// dropped deleted subvolumes.
+pub fn btrfs_leaks(pool: &Path, live: &BTreeSet<String>) -> Vec<String> {
     // The kernel drops a deleted subvolume, and with it its qgroup, in the background: look
     // again for a few seconds before calling anything a leak.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -794,18 +836,35 @@ fn btrfs_leaks_now(pool: &Path, live: &BTreeSet<String>) -> Vec<String> {
         Err(e) => return vec![e],
     };
     let mut ids = BTreeSet::new();
+    let mut spares = BTreeSet::new();
     for line in list.lines() {
         // "ID 257 gen 9 top level 5 path volumes/<id>"
         let mut words = line.split_whitespace();
         let id = words.nth(1).unwrap_or("").to_owned();
         let path = line.split_once(" path ").map_or("", |(_, p)| p).trim();
         ids.insert(id.clone());
+        if let Some(spare) = path.strip_prefix("spares/").filter(|s| !s.contains('/')) {
+            spares.insert(spare.to_owned());
+            continue;
+        }
         let ok = path.strip_prefix("volumes/").is_some_and(|v| live.contains(v));
         if !ok {
             leaks.push(format!(
                 "btrfs subvolume {path} (id {id}) in {} of no listed volume",
                 pool.display()
             ));
+        }
+    }
+    if spares.len() > SPARES {
+        leaks.push(format!(
+            "{} spare subvolumes in {}/spares, more than the {SPARES} the daemon keeps",
+            spares.len(),
+            pool.display()
+        ));
+    }
+    for name in dir_names(&pool.join("spares")) {
+        if !spares.contains(&name) {
+            leaks.push(format!("{}/spares/{name} is not a subvolume", pool.display()));
         }
     }
     match run("btrfs", &["qgroup", "show", "--raw"], pool) {
