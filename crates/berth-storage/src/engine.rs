@@ -88,8 +88,8 @@ pub struct EngineConfig {
     pub spare_subvolumes: usize,
 }
 
-/// Spare subvolumes per pool by default: enough for a burst of creates while the thread,
-/// at about 0.15 ms a spare, refills behind them.
+/// Spare subvolumes per pool by default: enough for a short burst of creates; the thread
+/// refills in the pauses between creates, at about 0.15 ms a spare.
 pub const DEFAULT_SPARE_SUBVOLUMES: usize = 4;
 
 /// A CreateVolume, decoded.
