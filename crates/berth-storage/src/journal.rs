@@ -961,6 +961,41 @@ mod tests {
         assert_eq!(r.stages.len(), ids.len());
     }
 
+    /// A batch that does not fit after the frames already written is committed durably by redb
+    /// (a checkpoint), and one larger than the whole log too; the log starts over after each.
+    #[test]
+    fn a_full_log_or_an_oversized_batch_is_a_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.redb");
+        let seq = |j: &Journal| j.log.lock().unwrap().next_seq;
+        let big = |n: usize| vec![Change::Put(Table::Volumes, format!("v{n}"), vec![n as u8; 3 << 20])];
+        {
+            let j = Journal::open(&path).unwrap();
+            j.commit(big(1)).unwrap();
+            j.commit(big(2)).unwrap();
+            assert_eq!(seq(&j), 3, "two frames in the log");
+            j.commit(big(3)).unwrap();
+            assert_eq!(seq(&j), 3, "the third did not fit: a durable commit, no frame");
+            j.commit(big(4)).unwrap();
+            assert_eq!(seq(&j), 4, "the log started over");
+            j.commit(vec![Change::Put(Table::Volumes, "huge".into(), vec![9; 9 << 20])])
+                .unwrap();
+            assert_eq!(seq(&j), 4, "larger than the log: a durable commit");
+        }
+        let j = Journal::open(&path).unwrap();
+        let txn = j.db.begin_read().unwrap();
+        let volumes = txn.open_table(VOLUMES).unwrap();
+        for (key, len) in [
+            ("v1", 3 << 20),
+            ("v2", 3 << 20),
+            ("v3", 3 << 20),
+            ("v4", 3 << 20),
+            ("huge", 9 << 20),
+        ] {
+            assert_eq!(volumes.get(key).unwrap().map(|v| v.value().len()), Some(len), "{key}");
+        }
+    }
+
     #[test]
     fn a_log_frame_that_does_not_decode_stops_the_open() {
         use std::os::unix::fs::FileExt;
