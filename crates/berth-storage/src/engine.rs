@@ -337,10 +337,8 @@ impl Engine {
     /// removes the subvolume again so a failed create leaves nothing behind.
     pub(crate) fn limit_new_subvolume(&self, pool: &Pool, id: &VolumeId, sub: u64, capacity: u64) -> Result<()> {
         if let Err(e) = self.host.btrfs_qgroup_limit(&pool.root, sub, Some(capacity)) {
-            if let Err(undo) = self.host.btrfs_subvolume_delete(&pool.volumes_dir(), id.as_str()) {
+            if let Err(undo) = self.remove_subvolume(pool, &pool.volumes_dir(), id.as_str(), Some(sub)) {
                 tracing::warn!(error = %undo, "could not remove the subvolume of a failed create; the next start will");
-            } else if self.host.btrfs_qgroup_destroy(&pool.root, sub).is_err() {
-                self.retire_qgroup(&pool.name, sub)?;
             }
             return Err(e.into());
         }

@@ -195,7 +195,6 @@ pub struct Journal {
 #[derive(Debug)]
 struct Log {
     wal: Wal,
-    path: PathBuf,
     /// Sequence number of the next frame.
     next_seq: u64,
     /// Frames written since the last durable commit.
@@ -485,7 +484,6 @@ impl Journal {
             group: Group::default(),
             log: Mutex::new(Log {
                 wal,
-                path: log_path,
                 next_seq: last + 1,
                 since_checkpoint: 0,
                 halted: false,
@@ -724,7 +722,7 @@ impl Journal {
             if let Err(source) = log.wal.append(seq, &payload) {
                 let _ = txn.abort();
                 return Err(JournalError::Log {
-                    path: log.path.clone(),
+                    path: self.path.with_extension("wal"),
                     source,
                 });
             }
