@@ -1,6 +1,6 @@
 //! The durable record of every volume, staging and publish: Berth's memory across crashes.
 //!
-//! One redb database per data dir, with a write-ahead log beside it ([`crate::wal`]). Every
+//! One redb database per data dir, with a write-ahead log beside it ([`berth_wal`]). Every
 //! mutation is durable before its caller answers its client: it is written to the log in one
 //! synchronous write, and redb commits it without an fsync; redb commits durably every so often
 //! (a checkpoint), and at open the log's frames after the last checkpoint are applied again.
@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::id::VolumeId;
 use crate::spec::{Capability, Kind};
-use crate::wal::Wal;
 use berth_host::FileSystem;
+use berth_wal::Wal;
 
 const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
 const STAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("stages");
@@ -33,6 +33,8 @@ const RETIRED_QGROUPS: TableDefinition<(&str, u64), ()> = TableDefinition::new("
 /// The journal's own state; `CHECKPOINT` is the last log frame a durable commit holds.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const CHECKPOINT: &str = "wal_checkpoint";
+/// Size of the log file.
+const LOG_SIZE: u64 = 8 << 20;
 /// Log frames between two durable redb commits, at most: bounds the replay at open and the
 /// pages redb cannot reuse until it commits durably.
 const CHECKPOINT_EVERY: u32 = 1024;
@@ -454,7 +456,7 @@ impl Journal {
         };
         let checkpoint = prepare().map_err(|e| db_err(path, e))?;
         let log_path = path.with_extension("wal");
-        let (wal, frames) = Wal::open(&log_path, checkpoint).map_err(|source| JournalError::Log {
+        let (wal, frames) = Wal::open(&log_path, LOG_SIZE, checkpoint).map_err(|source| JournalError::Log {
             path: log_path.clone(),
             source,
         })?;
@@ -1004,7 +1006,7 @@ mod tests {
             .write(true)
             .open(path.with_extension("wal"))
             .unwrap();
-        log.write_all_at(&crate::wal::encode_frame(1, &[42, 0]), 0).unwrap();
+        log.write_all_at(&berth_wal::encode_frame(1, &[42, 0]), 0).unwrap();
         let err = Journal::open(&path).unwrap_err();
         assert!(matches!(err, JournalError::Corrupt { seq: 1, .. }), "{err}");
     }

@@ -25,7 +25,6 @@ mod snapshot;
 mod spares;
 pub mod spec;
 pub mod teardown;
-mod wal;
 
 pub use csi::{BerthDriver, DRIVER_NAME, TOPOLOGY_KEY};
 pub use engine::{DEFAULT_POOL, Engine, EngineConfig, EngineError};

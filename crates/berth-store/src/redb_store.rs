@@ -2,8 +2,18 @@
 //!
 //! Writers send requests to a single writer thread. It drains whatever is pending (up to
 //! `max_batch`), applies each request with its own precondition check (one request's conflict
-//! never fails another), commits the batch in one durable transaction (one fsync), and only then
-//! answers the callers and broadcasts the batch's events to watchers.
+//! never fails another), makes the batch durable, and only then answers the callers and
+//! broadcasts the batch's events to watchers.
+//!
+//! Durable means written to the store's write-ahead log ([`berth_wal`], `<file>.wal` beside the
+//! database): the batch's changes, with their revisions, go into one `O_DSYNC` frame and redb
+//! commits the same transaction without an fsync. Every `CHECKPOINT_EVERY` frames, or when a
+//! batch would not fit in the log, redb commits durably instead and records the last frame it
+//! holds (the checkpoint); the log then starts over. At open, the frames after the checkpoint
+//! are applied again, so a crash loses nothing that was acknowledged. If redb fails to commit a
+//! batch whose frame is already in the log, the writer refuses further writes until a restart
+//! replays the log, because later frames would otherwise be replayed after one that redb never
+//! applied and that its callers were told had failed.
 //!
 //! Tables:
 //! - `objects`: key -> (mod revision, value): the newest state, for get and list.
@@ -15,8 +25,9 @@
 //! Compaction to revision C drops every log entry at or below C except each live key's newest
 //! one, exactly as etcd does, so a list at any revision >= C stays answerable.
 //!
-//! Guarantees: acknowledged writes survive a crash (redb's commit fsyncs before returning);
-//! revisions never go backwards across restarts. The file is locked: one process owns it.
+//! Guarantees: acknowledged writes survive a crash (their log frame, or redb's durable commit,
+//! is on disk before the answer); revisions never go backwards across restarts. The file is
+//! locked: one process owns it.
 
 use std::collections::BTreeSet;
 use std::ops::Bound;
@@ -41,6 +52,12 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 const META_REVISION: &str = "revision";
 const META_COMPACTED: &str = "compacted";
+/// The last log frame that a durable commit holds.
+const META_CHECKPOINT: &str = "wal_checkpoint";
+
+/// Log frames between two durable redb commits, at most: bounds the replay at open and the
+/// pages redb cannot reuse until it commits durably.
+const CHECKPOINT_EVERY: u32 = 1024;
 
 const ADDED: u8 = 1;
 const MODIFIED: u8 = 2;
@@ -60,6 +77,9 @@ pub struct RedbOptions {
     pub queue: usize,
     /// Batches buffered for watchers before a slow one must catch up from the log.
     pub watch_buffer: usize,
+    /// Size of the write-ahead log file. A batch larger than the log is committed durably by
+    /// redb instead.
+    pub log_size: u64,
 }
 
 impl Default for RedbOptions {
@@ -69,6 +89,7 @@ impl Default for RedbOptions {
             max_batch: 1024,
             queue: 8192,
             watch_buffer: 1024,
+            log_size: 16 << 20,
         }
     }
 }
@@ -157,7 +178,31 @@ impl RedbStore {
             )),
             e => db_err(&format!("opening {}", path.display()), e),
         })?;
-        let (revision, compacted) = init_tables(&db).map_err(|e| db_err("creating tables", e))?;
+        let checkpoint = init_tables(&db).map_err(|e| db_err("creating tables", e))?;
+        let log_path = path.with_extension("wal");
+        let (wal, frames) = berth_wal::Wal::open(&log_path, options.log_size, checkpoint)
+            .map_err(|e| StoreError::backend(&format!("opening the log {}", log_path.display()), e))?;
+        let last = frames.last().map_or(checkpoint, |f| f.seq);
+        if !frames.is_empty() {
+            replay(&db, &frames).map_err(|e| match e {
+                ReplayError::Db(e) => db_err("replaying the log", e),
+                ReplayError::Corrupt { seq, reason } => StoreError::Backend(format!(
+                    "{}: frame {seq} does not apply: {reason}; the store cannot open without it",
+                    log_path.display()
+                )),
+            })?;
+            tracing::info!(frames = frames.len(), last, "store log replayed");
+        }
+        let (revision, compacted) = {
+            let txn = db.begin_read().map_err(|e| db_err("reading", e))?;
+            read_meta(&txn).map_err(|e| db_err("reading", e))?
+        };
+        let log = Log {
+            wal,
+            next_seq: last + 1,
+            since_checkpoint: 0,
+            halted: false,
+        };
         let (events, _) = broadcast::channel(options.watch_buffer.max(1));
         let shared = Arc::new(Shared {
             db,
@@ -172,7 +217,7 @@ impl RedbStore {
         let max_batch = options.max_batch.max(1);
         let writer = std::thread::Builder::new()
             .name("berth-store-writer".into())
-            .spawn(move || run_writer(&writer_shared, rx, max_batch))
+            .spawn(move || run_writer(&writer_shared, log, rx, max_batch))
             .map_err(|e| StoreError::backend("starting the writer thread", e))?;
         tracing::info!(path = %shared.path.display(), revision, compacted, "store opened");
         Ok(RedbStore {
@@ -208,25 +253,154 @@ impl Drop for RedbStore {
     }
 }
 
-fn init_tables(db: &Database) -> Result<(u64, u64), redb::Error> {
+/// Creates the tables if missing; returns the log checkpoint.
+fn init_tables(db: &Database) -> Result<u64, redb::Error> {
     let txn = db.begin_write()?;
-    let (revision, compacted) = {
+    let checkpoint = {
         txn.open_table(OBJECTS)?;
         txn.open_table(EVENTS)?;
         txn.open_table(VERSIONS)?;
         let meta = txn.open_table(META)?;
-        let revision = meta.get(META_REVISION)?.map(|g| g.value()).unwrap_or(0);
-        let compacted = meta.get(META_COMPACTED)?.map(|g| g.value()).unwrap_or(0);
-        (revision, compacted)
+        meta.get(META_CHECKPOINT)?.map(|g| g.value()).unwrap_or(0)
     };
     txn.commit()?;
-    Ok((revision, compacted))
+    Ok(checkpoint)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The log.
+
+/// The writer's log state.
+struct Log {
+    wal: berth_wal::Wal,
+    next_seq: u64,
+    since_checkpoint: u32,
+    /// A logged batch failed to commit: no more writes until a restart replays the log.
+    halted: bool,
+}
+
+/// One change in a log frame, tagged with its event kind (or `COMPACTED`).
+const COMPACTED: u8 = 4;
+
+/// Appends one applied change to a frame's payload: `kind, revision, key, value` (lengths as
+/// little-endian u32), or `COMPACTED, revision` for a compaction.
+fn encode_change(out: &mut Vec<u8>, kind: u8, rev: u64, key: &str, value: &[u8]) {
+    out.push(kind);
+    out.extend_from_slice(&rev.to_le_bytes());
+    if kind == COMPACTED {
+        return;
+    }
+    // Keys and values are bounded by the API's body limit, far below 4 GiB.
+    out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    out.extend_from_slice(key.as_bytes());
+    if kind != DELETED {
+        out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        out.extend_from_slice(value);
+    }
+}
+
+/// A change read back from a frame.
+#[derive(Debug, PartialEq, Eq)]
+struct LoggedChange<'a> {
+    kind: u8,
+    rev: u64,
+    key: &'a str,
+    value: &'a [u8],
+}
+
+fn decode_changes(mut buf: &[u8]) -> std::result::Result<Vec<LoggedChange<'_>>, String> {
+    fn take<'b>(buf: &mut &'b [u8], n: usize) -> std::result::Result<&'b [u8], String> {
+        if buf.len() < n {
+            return Err("truncated change".into());
+        }
+        let (head, rest) = buf.split_at(n);
+        *buf = rest;
+        Ok(head)
+    }
+    fn len(buf: &mut &[u8]) -> std::result::Result<usize, String> {
+        let b = take(buf, 4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    }
+    let mut out = Vec::new();
+    while let Some((&kind, rest)) = buf.split_first() {
+        buf = rest;
+        let mut rev = [0u8; 8];
+        rev.copy_from_slice(take(&mut buf, 8)?);
+        let rev = u64::from_le_bytes(rev);
+        let (key, value) = match kind {
+            COMPACTED => ("", &[][..]),
+            ADDED | MODIFIED | DELETED => {
+                let n = len(&mut buf)?;
+                let key = std::str::from_utf8(take(&mut buf, n)?).map_err(|_| "a key is not UTF-8".to_owned())?;
+                let value = if kind == DELETED {
+                    &[][..]
+                } else {
+                    let n = len(&mut buf)?;
+                    take(&mut buf, n)?
+                };
+                (key, value)
+            }
+            other => return Err(format!("unknown change kind {other}")),
+        };
+        out.push(LoggedChange { kind, rev, key, value });
+    }
+    Ok(out)
+}
+
+enum ReplayError {
+    Db(redb::Error),
+    Corrupt { seq: u64, reason: String },
+}
+
+impl<E: Into<redb::Error>> From<E> for ReplayError {
+    fn from(e: E) -> Self {
+        ReplayError::Db(e.into())
+    }
+}
+
+/// Applies the frames after the checkpoint, in one durable transaction that is the new
+/// checkpoint. Each change applies exactly as it did the first time, at the same revision.
+fn replay(db: &Database, frames: &[berth_wal::Frame]) -> std::result::Result<(), ReplayError> {
+    let txn = db.begin_write()?;
+    {
+        let mut t = Tables {
+            objects: txn.open_table(OBJECTS)?,
+            events: txn.open_table(EVENTS)?,
+            versions: txn.open_table(VERSIONS)?,
+            meta: txn.open_table(META)?,
+        };
+        let mut revision = t.meta.get(META_REVISION)?.map(|g| g.value()).unwrap_or(0);
+        let mut compacted = t.meta.get(META_COMPACTED)?.map(|g| g.value()).unwrap_or(0);
+        for frame in frames {
+            let corrupt = |reason: String| ReplayError::Corrupt { seq: frame.seq, reason };
+            for c in decode_changes(&frame.payload).map_err(corrupt)? {
+                let applied = match c.kind {
+                    COMPACTED => compact(&mut t, c.rev, revision, compacted)?.map(|to| compacted = to),
+                    kind => {
+                        let value = (kind != DELETED).then(|| Bytes::copy_from_slice(c.value));
+                        if c.rev != revision + 1 {
+                            return Err(corrupt(format!("revision {} does not follow {revision}", c.rev)));
+                        }
+                        write_object(&mut t, c.key, value.as_ref(), None, kind == ADDED, c.rev)?
+                            .map(|_| revision = c.rev)
+                    }
+                };
+                applied.map_err(|e| corrupt(e.to_string()))?;
+            }
+        }
+        t.meta.insert(META_REVISION, revision)?;
+        t.meta.insert(META_COMPACTED, compacted)?;
+        let last = frames.last().map_or(0, |f| f.seq);
+        t.meta.insert(META_CHECKPOINT, last)?;
+    }
+    txn.commit()?;
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
 // The writer.
 
-fn run_writer(shared: &Shared, mut rx: mpsc::Receiver<Request>, max_batch: usize) {
+fn run_writer(shared: &Shared, mut log: Log, mut rx: mpsc::Receiver<Request>, max_batch: usize) {
     let mut batch = Vec::with_capacity(max_batch);
     let mut stats = WriterStats::default();
     while let Some(first) = rx.blocking_recv() {
@@ -238,9 +412,23 @@ fn run_writer(shared: &Shared, mut rx: mpsc::Receiver<Request>, max_batch: usize
             }
         }
         stats.record(batch.len());
-        commit_batch(shared, &mut batch);
+        commit_batch(shared, &mut log, &mut batch);
+    }
+    if log.since_checkpoint > 0 && !log.halted {
+        // A clean stop leaves nothing to replay.
+        if let Err(e) = checkpoint_now(shared, &log) {
+            tracing::warn!(error = %e, "store: the closing checkpoint failed; the next open replays the log");
+        }
     }
     tracing::debug!("store writer stopped");
+}
+
+/// A durable commit that records every frame written so far as applied.
+fn checkpoint_now(shared: &Shared, log: &Log) -> Result<(), redb::Error> {
+    let txn = shared.db.begin_write()?;
+    txn.open_table(META)?.insert(META_CHECKPOINT, log.next_seq - 1)?;
+    txn.commit()?;
+    Ok(())
 }
 
 /// Commits and the writes they carried, logged (debug) every few seconds while writes come.
@@ -278,9 +466,19 @@ struct Committed {
     compacted: Option<u64>,
 }
 
-fn commit_batch(shared: &Shared, batch: &mut Vec<Request>) {
+fn commit_batch(shared: &Shared, log: &mut Log, batch: &mut Vec<Request>) {
     let base = shared.revision.load(Ordering::Acquire);
-    match apply_batch(shared, base, batch) {
+    if log.halted {
+        let err = StoreError::Backend(format!(
+            "the store stopped taking writes after a failed commit; restart to replay {}",
+            shared.path.with_extension("wal").display()
+        ));
+        for req in batch.drain(..) {
+            let _ = req.reply.send(Err(err.clone()));
+        }
+        return;
+    }
+    match apply_batch(shared, log, base, batch) {
         Ok(done) => {
             if let Some(c) = done.compacted {
                 shared.compacted.store(c, Ordering::Release);
@@ -300,7 +498,7 @@ fn commit_batch(shared: &Shared, batch: &mut Vec<Request>) {
         }
         Err(e) => {
             tracing::error!(error = %e, requests = batch.len(), "store commit failed");
-            let err = db_err("committing", e);
+            let err = e.into_store_error(shared);
             for req in batch.drain(..) {
                 let _ = req.reply.send(Err(err.clone()));
             }
@@ -316,10 +514,43 @@ struct Tables<'t> {
     meta: redb::Table<'t, &'static str, u64>,
 }
 
-fn apply_batch(shared: &Shared, base: u64, batch: &[Request]) -> Result<Committed, redb::Error> {
+/// Why a batch failed as a whole.
+#[derive(Debug)]
+enum CommitError {
+    Db(redb::Error),
+    Log(std::io::Error),
+}
+
+impl<E: Into<redb::Error>> From<E> for CommitError {
+    fn from(e: E) -> Self {
+        CommitError::Db(e.into())
+    }
+}
+
+impl std::fmt::Display for CommitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CommitError::Db(e) => e.fmt(f),
+            CommitError::Log(e) => write!(f, "writing the log: {e}"),
+        }
+    }
+}
+
+impl CommitError {
+    fn into_store_error(self, shared: &Shared) -> StoreError {
+        match self {
+            CommitError::Db(e) => db_err("committing", e),
+            CommitError::Log(e) => StoreError::backend(
+                &format!("writing the log {}", shared.path.with_extension("wal").display()),
+                e,
+            ),
+        }
+    }
+}
+
+fn apply_batch(shared: &Shared, log: &mut Log, base: u64, batch: &[Request]) -> Result<Committed, CommitError> {
     let mut txn = shared.db.begin_write()?;
-    // The default, said explicitly: commit() returns only after the fsync.
-    txn.set_durability(Durability::Immediate)?;
+    let mut payload = Vec::new();
     let mut done = Committed {
         outcomes: Vec::with_capacity(batch.len()),
         events: Vec::with_capacity(batch.len()),
@@ -347,6 +578,7 @@ fn apply_batch(shared: &Shared, base: u64, batch: &[Request]) -> Result<Committe
                     {
                         compacted = c;
                         done.compacted = Some(c);
+                        encode_change(&mut payload, COMPACTED, c, "", &[]);
                     }
                     done.outcomes.push(outcome);
                     continue;
@@ -355,6 +587,15 @@ fn apply_batch(shared: &Shared, base: u64, batch: &[Request]) -> Result<Committe
             match outcome {
                 Ok(event) => {
                     done.revision = next;
+                    let logged = match &event {
+                        WatchEvent::Added(o) => Some((ADDED, o)),
+                        WatchEvent::Modified(o) => Some((MODIFIED, o)),
+                        WatchEvent::Deleted(o) => Some((DELETED, o)),
+                        WatchEvent::Bookmark(_) => None,
+                    };
+                    if let Some((kind, o)) = logged {
+                        encode_change(&mut payload, kind, next, &o.key, &o.value);
+                    }
                     done.events.push(event);
                     done.outcomes.push(Ok(next));
                 }
@@ -371,8 +612,28 @@ fn apply_batch(shared: &Shared, base: u64, batch: &[Request]) -> Result<Committe
     if done.revision == base && done.compacted.is_none() {
         // Every request failed its precondition: nothing to make durable.
         txn.abort()?;
-    } else {
+        return Ok(done);
+    }
+    let due = log.since_checkpoint >= CHECKPOINT_EVERY || !log.wal.fits(payload.len());
+    if due || !log.wal.ever_fits(payload.len()) {
+        // A durable commit (the default durability) that is also the checkpoint.
+        txn.open_table(META)?.insert(META_CHECKPOINT, log.next_seq - 1)?;
         txn.commit()?;
+        log.wal.reset();
+        log.since_checkpoint = 0;
+        return Ok(done);
+    }
+    txn.set_durability(Durability::None)?;
+    if let Err(e) = log.wal.append(log.next_seq, &payload) {
+        let _ = txn.abort();
+        return Err(CommitError::Log(e));
+    }
+    log.next_seq += 1;
+    log.since_checkpoint += 1;
+    if let Err(e) = txn.commit() {
+        log.halted = true;
+        tracing::error!(error = %e, "store: a logged batch could not be committed; refusing writes until a restart replays the log");
+        return Err(e.into());
     }
     Ok(done)
 }
@@ -808,5 +1069,39 @@ impl Store for RedbStore {
 
     async fn current_revision(&self) -> Result<u64> {
         Ok(self.shared.revision.load(Ordering::Acquire))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_round_trip_through_a_log_payload() {
+        let mut payload = Vec::new();
+        encode_change(&mut payload, ADDED, 7, "/a", b"one");
+        encode_change(&mut payload, MODIFIED, 8, "/b/\u{e9}", b"");
+        encode_change(&mut payload, DELETED, 9, "/a", b"ignored: a deletion logs no value");
+        encode_change(&mut payload, COMPACTED, 5, "", b"");
+        let change = |kind, rev, key, value| LoggedChange { kind, rev, key, value };
+        assert_eq!(
+            decode_changes(&payload).unwrap(),
+            vec![
+                change(ADDED, 7, "/a", &b"one"[..]),
+                change(MODIFIED, 8, "/b/\u{e9}", &b""[..]),
+                change(DELETED, 9, "/a", &b""[..]),
+                change(COMPACTED, 5, "", &b""[..]),
+            ]
+        );
+        assert!(decode_changes(&[]).unwrap().is_empty());
+        assert!(decode_changes(&payload[..payload.len() - 1]).is_err(), "truncated");
+        assert!(
+            decode_changes(&[9, 0, 0, 0, 0, 0, 0, 0, 0]).is_err(),
+            "kind 9 does not exist"
+        );
+        let mut bad_key = Vec::new();
+        encode_change(&mut bad_key, ADDED, 1, "k", b"v");
+        bad_key[13] = 0xff;
+        assert!(decode_changes(&bad_key).is_err(), "a key that is not UTF-8");
     }
 }

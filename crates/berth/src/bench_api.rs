@@ -160,6 +160,26 @@ pub(crate) struct Server {
     pub(crate) child: Child,
 }
 
+impl Server {
+    /// Stops the server as an operator would (SIGTERM), waiting up to 60 s for it to exit.
+    pub(crate) fn stop(mut self) -> Result<()> {
+        let pid = i32::try_from(self.child.id())
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+            .context("server pid")?;
+        // Not yet waited for, so the pid is still our child's.
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).context("SIGTERM to the server")?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while std::time::Instant::now() < deadline {
+            if self.child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("the server did not stop within 60 s of SIGTERM")
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();

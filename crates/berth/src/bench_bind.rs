@@ -93,7 +93,7 @@ pub fn run(args: BindArgs) -> Result<()> {
     runtime.block_on(async {
         // 1. Fill without controllers.
         {
-            let _server = start_server_with(&data, &["--api-only", "--no-controllers"])?;
+            let server = start_server_with(&data, &["--api-only", "--no-controllers"])?;
             let t = target(&data).await?;
             let (pv_time, _) = if args.prebound {
                 create_many(
@@ -147,6 +147,7 @@ pub fn run(args: BindArgs) -> Result<()> {
                 pv_time.as_secs_f64(),
                 pvc_time.as_secs_f64()
             );
+            server.stop()?;
         }
         // The next start writes a kubeconfig with its own port.
         let _ = std::fs::remove_file(data.join("admin.kubeconfig"));

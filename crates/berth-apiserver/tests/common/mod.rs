@@ -20,7 +20,12 @@ pub struct TestServer {
 impl TestServer {
     pub async fn start() -> anyhow::Result<TestServer> {
         let dir = tempfile::tempdir()?;
-        let store = Arc::new(RedbStore::open(dir.path().join("store.redb"), RedbOptions::default())?);
+        let options = RedbOptions {
+            // Every test makes its own store; a small log keeps that cheap.
+            log_size: 1 << 20,
+            ..RedbOptions::default()
+        };
+        let store = Arc::new(RedbStore::open(dir.path().join("store.redb"), options)?);
         Self::start_on(dir, store).await
     }
 
