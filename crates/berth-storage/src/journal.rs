@@ -35,9 +35,6 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const CHECKPOINT: &str = "wal_checkpoint";
 /// Size of the log file.
 const LOG_SIZE: u64 = 8 << 20;
-/// Log frames between two durable redb commits, at most: bounds the replay at open and the
-/// pages redb cannot reuse until it commits durably.
-const CHECKPOINT_EVERY: u32 = 1024;
 
 /// A journal failure: the disk under the data dir is failing or full.
 #[derive(Debug, thiserror::Error)]
@@ -190,20 +187,7 @@ pub struct Journal {
     db: redb::Database,
     path: PathBuf,
     group: Group,
-    log: Mutex<Log>,
-}
-
-/// The write-ahead log and where the journal is in it.
-#[derive(Debug)]
-struct Log {
-    wal: Wal,
-    /// Sequence number of the next frame.
-    next_seq: u64,
-    /// Frames written since the last durable commit.
-    since_checkpoint: u32,
-    /// A frame reached the log but its redb commit failed: redb and the log disagree until the
-    /// next open replays the log, so nothing more is accepted.
-    halted: bool,
+    log: Mutex<Wal>,
 }
 
 /// One record written or removed; a mutation is a list of these, applied atomically.
@@ -460,7 +444,7 @@ impl Journal {
             path: log_path.clone(),
             source,
         })?;
-        let last = frames.last().map_or(checkpoint, |f| f.seq);
+        let last = wal.last_seq();
         if !frames.is_empty() {
             let mut replayed = Vec::new();
             for f in &frames {
@@ -484,12 +468,7 @@ impl Journal {
             db,
             path: path.to_owned(),
             group: Group::default(),
-            log: Mutex::new(Log {
-                wal,
-                next_seq: last + 1,
-                since_checkpoint: 0,
-                halted: false,
-            }),
+            log: Mutex::new(wal),
         })
     }
 
@@ -695,7 +674,7 @@ impl Journal {
     /// is the checkpoint.
     fn write<'a>(&self, changes: impl IntoIterator<Item = &'a Change> + Clone) -> Result<(), JournalError> {
         let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
-        if log.halted {
+        if log.halted() {
             return Err(JournalError::Halted {
                 path: self.path.clone(),
             });
@@ -706,33 +685,28 @@ impl Journal {
             return Err(self.err(e));
         }
         let payload = encode_changes(changes);
-        let checkpoint = log.since_checkpoint >= CHECKPOINT_EVERY || !log.wal.fits(payload.len());
-        if checkpoint || !log.wal.ever_fits(payload.len()) {
-            let last = log.next_seq - 1;
+        if log.checkpoint_due(payload.len()) {
+            let last = log.last_seq();
             let durable = || -> Result<(), redb::Error> {
                 txn.open_table(META)?.insert(CHECKPOINT, last)?;
                 txn.commit()?;
                 Ok(())
             };
             durable().map_err(|e| self.err(e))?;
-            log.wal.reset();
-            log.since_checkpoint = 0;
+            log.checkpointed();
         } else {
             txn.set_durability(redb::Durability::None)
                 .map_err(|e| self.err(redb::Error::from(e)))?;
-            let seq = log.next_seq;
-            if let Err(source) = log.wal.append(seq, &payload) {
+            if let Err(source) = log.append(&payload) {
                 let _ = txn.abort();
                 return Err(JournalError::Log {
                     path: self.path.with_extension("wal"),
                     source,
                 });
             }
-            log.next_seq += 1;
-            log.since_checkpoint += 1;
             crate::crash::point("journal.after_log");
             if let Err(e) = txn.commit() {
-                log.halted = true;
+                log.halt();
                 tracing::error!(error = %e, "journal: a logged change could not be applied; refusing more changes until a restart replays the log");
                 return Err(self.err(e));
             }
@@ -943,7 +917,7 @@ mod tests {
     fn checkpoints_start_the_log_over_without_losing_a_change() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("journal.redb");
-        let ids: Vec<VolumeId> = (0..CHECKPOINT_EVERY + 40)
+        let ids: Vec<VolumeId> = (0..berth_wal::CHECKPOINT_EVERY + 40)
             .map(|_| VolumeId::generate().unwrap())
             .collect();
         {
@@ -953,7 +927,7 @@ mod tests {
             }
             assert_eq!(j.commits(), ids.len() as u64);
             assert!(
-                j.log.lock().unwrap().next_seq <= ids.len() as u64,
+                j.log.lock().unwrap().last_seq() < ids.len() as u64,
                 "one commit was a checkpoint"
             );
         }
@@ -967,7 +941,7 @@ mod tests {
     fn a_full_log_or_an_oversized_batch_is_a_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("journal.redb");
-        let seq = |j: &Journal| j.log.lock().unwrap().next_seq;
+        let seq = |j: &Journal| j.log.lock().unwrap().last_seq() + 1;
         let big = |n: usize| vec![Change::Put(Table::Volumes, format!("v{n}"), vec![n as u8; 3 << 20])];
         {
             let j = Journal::open(&path).unwrap();

@@ -7,8 +7,8 @@
 //!
 //! Durable means written to the store's write-ahead log ([`berth_wal`], `<file>.wal` beside the
 //! database): the batch's changes, with their revisions, go into one `O_DSYNC` frame and redb
-//! commits the same transaction without an fsync. Every `CHECKPOINT_EVERY` frames, or when a
-//! batch would not fit in the log, redb commits durably instead and records the last frame it
+//! commits the same transaction without an fsync. Every `berth_wal::CHECKPOINT_EVERY` frames,
+//! or when a batch would not fit in the log, redb commits durably instead and records the last frame it
 //! holds (the checkpoint); the log then starts over. At open, the frames after the checkpoint
 //! are applied again, so a crash loses nothing that was acknowledged. If redb fails to commit a
 //! batch whose frame is already in the log, the writer refuses further writes until a restart
@@ -36,6 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use berth_wal::Wal;
 use bytes::Bytes;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -54,10 +55,6 @@ const META_REVISION: &str = "revision";
 const META_COMPACTED: &str = "compacted";
 /// The last log frame that a durable commit holds.
 const META_CHECKPOINT: &str = "wal_checkpoint";
-
-/// Log frames between two durable redb commits, at most: bounds the replay at open and the
-/// pages redb cannot reuse until it commits durably.
-const CHECKPOINT_EVERY: u32 = 1024;
 
 const ADDED: u8 = 1;
 const MODIFIED: u8 = 2;
@@ -180,9 +177,8 @@ impl RedbStore {
         })?;
         let checkpoint = init_tables(&db).map_err(|e| db_err("creating tables", e))?;
         let log_path = path.with_extension("wal");
-        let (wal, frames) = berth_wal::Wal::open(&log_path, options.log_size, checkpoint)
+        let (wal, frames) = Wal::open(&log_path, options.log_size, checkpoint)
             .map_err(|e| StoreError::backend(&format!("opening the log {}", log_path.display()), e))?;
-        let last = frames.last().map_or(checkpoint, |f| f.seq);
         if !frames.is_empty() {
             replay(&db, &frames).map_err(|e| match e {
                 ReplayError::Db(e) => db_err("replaying the log", e),
@@ -191,17 +187,11 @@ impl RedbStore {
                     log_path.display()
                 )),
             })?;
-            tracing::info!(frames = frames.len(), last, "store log replayed");
+            tracing::info!(frames = frames.len(), last = wal.last_seq(), "store log replayed");
         }
         let (revision, compacted) = {
             let txn = db.begin_read().map_err(|e| db_err("reading", e))?;
             read_meta(&txn).map_err(|e| db_err("reading", e))?
-        };
-        let log = Log {
-            wal,
-            next_seq: last + 1,
-            since_checkpoint: 0,
-            halted: false,
         };
         let (events, _) = broadcast::channel(options.watch_buffer.max(1));
         let shared = Arc::new(Shared {
@@ -217,7 +207,7 @@ impl RedbStore {
         let max_batch = options.max_batch.max(1);
         let writer = std::thread::Builder::new()
             .name("berth-store-writer".into())
-            .spawn(move || run_writer(&writer_shared, log, rx, max_batch))
+            .spawn(move || run_writer(&writer_shared, wal, rx, max_batch))
             .map_err(|e| StoreError::backend("starting the writer thread", e))?;
         tracing::info!(path = %shared.path.display(), revision, compacted, "store opened");
         Ok(RedbStore {
@@ -269,15 +259,6 @@ fn init_tables(db: &Database) -> Result<u64, redb::Error> {
 
 // ---------------------------------------------------------------------------------------------
 // The log.
-
-/// The writer's log state.
-struct Log {
-    wal: berth_wal::Wal,
-    next_seq: u64,
-    since_checkpoint: u32,
-    /// A logged batch failed to commit: no more writes until a restart replays the log.
-    halted: bool,
-}
 
 /// One change in a log frame, tagged with its event kind (or `COMPACTED`).
 const COMPACTED: u8 = 4;
@@ -400,7 +381,7 @@ fn replay(db: &Database, frames: &[berth_wal::Frame]) -> std::result::Result<(),
 // ---------------------------------------------------------------------------------------------
 // The writer.
 
-fn run_writer(shared: &Shared, mut log: Log, mut rx: mpsc::Receiver<Request>, max_batch: usize) {
+fn run_writer(shared: &Shared, mut log: Wal, mut rx: mpsc::Receiver<Request>, max_batch: usize) {
     let mut batch = Vec::with_capacity(max_batch);
     let mut stats = WriterStats::default();
     while let Some(first) = rx.blocking_recv() {
@@ -414,7 +395,7 @@ fn run_writer(shared: &Shared, mut log: Log, mut rx: mpsc::Receiver<Request>, ma
         stats.record(batch.len());
         commit_batch(shared, &mut log, &mut batch);
     }
-    if log.since_checkpoint > 0 && !log.halted {
+    if !log.halted() {
         // A clean stop leaves nothing to replay.
         if let Err(e) = checkpoint_now(shared, &log) {
             tracing::warn!(error = %e, "store: the closing checkpoint failed; the next open replays the log");
@@ -424,9 +405,9 @@ fn run_writer(shared: &Shared, mut log: Log, mut rx: mpsc::Receiver<Request>, ma
 }
 
 /// A durable commit that records every frame written so far as applied.
-fn checkpoint_now(shared: &Shared, log: &Log) -> Result<(), redb::Error> {
+fn checkpoint_now(shared: &Shared, log: &Wal) -> Result<(), redb::Error> {
     let txn = shared.db.begin_write()?;
-    txn.open_table(META)?.insert(META_CHECKPOINT, log.next_seq - 1)?;
+    txn.open_table(META)?.insert(META_CHECKPOINT, log.last_seq())?;
     txn.commit()?;
     Ok(())
 }
@@ -466,9 +447,9 @@ struct Committed {
     compacted: Option<u64>,
 }
 
-fn commit_batch(shared: &Shared, log: &mut Log, batch: &mut Vec<Request>) {
+fn commit_batch(shared: &Shared, log: &mut Wal, batch: &mut Vec<Request>) {
     let base = shared.revision.load(Ordering::Acquire);
-    if log.halted {
+    if log.halted() {
         let err = StoreError::Backend(format!(
             "the store stopped taking writes after a failed commit; restart to replay {}",
             shared.path.with_extension("wal").display()
@@ -548,7 +529,7 @@ impl CommitError {
     }
 }
 
-fn apply_batch(shared: &Shared, log: &mut Log, base: u64, batch: &[Request]) -> Result<Committed, CommitError> {
+fn apply_batch(shared: &Shared, log: &mut Wal, base: u64, batch: &[Request]) -> Result<Committed, CommitError> {
     let mut txn = shared.db.begin_write()?;
     let mut payload = Vec::new();
     let mut done = Committed {
@@ -614,24 +595,20 @@ fn apply_batch(shared: &Shared, log: &mut Log, base: u64, batch: &[Request]) -> 
         txn.abort()?;
         return Ok(done);
     }
-    let due = log.since_checkpoint >= CHECKPOINT_EVERY || !log.wal.fits(payload.len());
-    if due || !log.wal.ever_fits(payload.len()) {
+    if log.checkpoint_due(payload.len()) {
         // A durable commit (the default durability) that is also the checkpoint.
-        txn.open_table(META)?.insert(META_CHECKPOINT, log.next_seq - 1)?;
+        txn.open_table(META)?.insert(META_CHECKPOINT, log.last_seq())?;
         txn.commit()?;
-        log.wal.reset();
-        log.since_checkpoint = 0;
+        log.checkpointed();
         return Ok(done);
     }
     txn.set_durability(Durability::None)?;
-    if let Err(e) = log.wal.append(log.next_seq, &payload) {
+    if let Err(e) = log.append(&payload) {
         let _ = txn.abort();
         return Err(CommitError::Log(e));
     }
-    log.next_seq += 1;
-    log.since_checkpoint += 1;
     if let Err(e) = txn.commit() {
-        log.halted = true;
+        log.halt();
         tracing::error!(error = %e, "store: a logged batch could not be committed; refusing writes until a restart replays the log");
         return Err(e.into());
     }

@@ -10,6 +10,13 @@
 //! Frames are written with `O_DIRECT` where the filesystem allows it (not through the page
 //! cache: less kernel work per write, and no copy left behind to evict), else buffered.
 //!
+//! The caller owns the database side: [`Wal::checkpoint_due`] says whether a batch goes into the
+//! log or into a durable redb commit that records [`Wal::last_seq`] as its checkpoint (then
+//! [`Wal::checkpointed`]). A batch whose frame is written but whose redb commit then fails leaves
+//! the two disagreeing until the next open replays the log, so the caller [`Wal::halt`]s: later
+//! frames would otherwise be replayed after one that redb never applied and whose callers were
+//! told it failed.
+//!
 //! A frame is `magic, crc32, seq, length, payload`, padded to 4 KiB. At open, the frames after
 //! the checkpoint are those from offset 0 whose sequence numbers follow it without a gap and
 //! whose checksums hold; the first that does not ends the log. A frame torn by a crash was
@@ -23,6 +30,9 @@ use std::path::Path;
 
 /// The unit of every write.
 pub const BLOCK: usize = 4096;
+/// Log frames between two durable redb commits, at most: bounds the replay at open and the
+/// pages redb cannot reuse until it commits durably.
+pub const CHECKPOINT_EVERY: u32 = 1024;
 const MAGIC: [u8; 4] = *b"BJW1";
 const HEADER: usize = 24;
 
@@ -35,6 +45,11 @@ pub struct Wal {
     tail: u64,
     /// Frames are built here, at a block-aligned offset (as `O_DIRECT` needs).
     buf: Vec<u8>,
+    /// Sequence number of the next frame.
+    next_seq: u64,
+    /// Frames written since the last checkpoint.
+    since_checkpoint: u32,
+    halted: bool,
 }
 
 /// A frame found at open, after the checkpoint.
@@ -94,23 +109,46 @@ impl Wal {
                 size,
                 tail: 0,
                 buf: Vec::new(),
+                next_seq: frames.last().map_or(checkpoint, |f| f.seq) + 1,
+                since_checkpoint: 0,
+                halted: false,
             },
             frames,
         ))
     }
 
-    /// Whether a frame of `payload_len` bytes fits after the frames already written.
-    pub fn fits(&self, payload_len: usize) -> bool {
-        self.tail + frame_len(payload_len) as u64 <= self.size
+    /// Whether a batch of `payload_len` bytes must be a durable commit (a checkpoint) instead of
+    /// a frame: every `CHECKPOINT_EVERY` frames, and whenever it does not fit after the frames
+    /// already written.
+    pub fn checkpoint_due(&self, payload_len: usize) -> bool {
+        self.since_checkpoint >= CHECKPOINT_EVERY || self.tail + frame_len(payload_len) as u64 > self.size
     }
 
-    /// Whether a frame of `payload_len` bytes fits in an empty log.
-    pub fn ever_fits(&self, payload_len: usize) -> bool {
-        frame_len(payload_len) as u64 <= self.size
+    /// The last frame written (or replayed): what a checkpoint made now holds.
+    pub fn last_seq(&self) -> u64 {
+        self.next_seq - 1
     }
 
-    /// Writes one frame; it is on disk when this returns.
-    pub fn append(&mut self, seq: u64, payload: &[u8]) -> io::Result<()> {
+    /// A durable commit recording [`Wal::last_seq`] is done: the log starts again at its
+    /// beginning.
+    pub fn checkpointed(&mut self) {
+        self.tail = 0;
+        self.since_checkpoint = 0;
+    }
+
+    /// A written frame's redb commit failed: refuse everything until a restart replays the log.
+    pub fn halt(&mut self) {
+        self.halted = true;
+    }
+
+    pub fn halted(&self) -> bool {
+        self.halted
+    }
+
+    /// Writes `payload` as the next frame; it is on disk when this returns. Returns the frame's
+    /// sequence number.
+    pub fn append(&mut self, payload: &[u8]) -> io::Result<u64> {
+        let seq = self.next_seq;
         let len = frame_len(payload.len());
         if self.buf.len() < len + BLOCK {
             self.buf = vec![0u8; len + BLOCK];
@@ -120,12 +158,9 @@ impl Wal {
         fill_frame(frame, seq, payload);
         self.file.write_all_at(frame, self.tail)?;
         self.tail += len as u64;
-        Ok(())
-    }
-
-    /// Starts again at the beginning: every frame written so far is in a durable checkpoint.
-    pub fn reset(&mut self) {
-        self.tail = 0;
+        self.next_seq += 1;
+        self.since_checkpoint += 1;
+        Ok(seq)
     }
 }
 
@@ -256,20 +291,42 @@ mod tests {
         let (mut wal, frames) = Wal::open(&path, SIZE, 0).unwrap();
         assert!(frames.is_empty());
         assert_eq!(std::fs::metadata(&path).unwrap().len(), SIZE);
-        wal.append(1, b"one").unwrap();
-        wal.append(2, &vec![2u8; 9000]).unwrap();
-        assert!(wal.fits(0));
-        assert!(!wal.fits(SIZE as usize));
-        assert!(!wal.ever_fits(SIZE as usize));
+        assert_eq!(wal.append(b"one").unwrap(), 1);
+        assert_eq!(wal.append(&vec![2u8; 9000]).unwrap(), 2);
+        assert!(!wal.checkpoint_due(0));
+        assert!(
+            wal.checkpoint_due(SIZE as usize - 4 * BLOCK),
+            "does not fit after the frames"
+        );
+        assert!(wal.checkpoint_due(SIZE as usize), "does not fit at all");
         drop(wal);
         let (mut wal, frames) = Wal::open(&path, SIZE, 0).unwrap();
         assert_eq!(frames.iter().map(|f| f.seq).collect::<Vec<_>>(), vec![1, 2]);
         assert_eq!(frames[1].payload.len(), 9000);
+        assert_eq!(wal.last_seq(), 2, "numbering goes on after the replayed frames");
         // After a checkpoint at 2 the log starts over; the frames written before are not live.
-        wal.reset();
-        wal.append(3, b"three").unwrap();
+        wal.checkpointed();
+        assert!(!wal.checkpoint_due(SIZE as usize - 4 * BLOCK), "the log is empty again");
+        assert_eq!(wal.append(b"three").unwrap(), 3);
         drop(wal);
         let (_, frames) = Wal::open(&path, SIZE, 2).unwrap();
         assert_eq!(frames.iter().map(|f| f.seq).collect::<Vec<_>>(), vec![3]);
+    }
+
+    #[test]
+    fn a_checkpoint_is_due_every_checkpoint_every_frames() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(&dir.path().join("j.wal"), 8 << 20, 41).unwrap();
+        for n in 0..CHECKPOINT_EVERY {
+            assert!(!wal.checkpoint_due(1), "frame {n}");
+            wal.append(b"x").unwrap();
+        }
+        assert!(wal.checkpoint_due(1));
+        assert_eq!(wal.last_seq(), 41 + u64::from(CHECKPOINT_EVERY));
+        wal.checkpointed();
+        assert!(!wal.checkpoint_due(1));
+        assert!(!wal.halted());
+        wal.halt();
+        assert!(wal.halted());
     }
 }
