@@ -287,6 +287,11 @@ fn missing_keys(given: &Value, known: &Value, path: String, out: &mut Vec<String
 
 /// Deserializes `v` into `T`, turning a serde error into one `FieldError` at its path.
 pub(crate) fn decode<T: DeserializeOwned>(v: &Value) -> Result<(), Vec<FieldError>> {
+    // Most bodies decode: check that without the path tracking, which copies out every key it
+    // passes, and decode again with it only to say where a failure is.
+    if T::deserialize(v).is_ok() {
+        return Ok(());
+    }
     match serde_path_to_error::deserialize::<_, T>(v) {
         Ok(_) => Ok(()),
         Err(e) => {

@@ -997,10 +997,12 @@ impl Attacher {
         let value = va.to_value().map_err(|_| Outcome::Retry)?;
         match self.api.update(kinds::volume_attachments(), value, part).await {
             Ok(stored) if sidecar::deleted_by_write(&stored) => Err(Outcome::Done),
-            Ok(stored) => {
-                self.inf.attachments.assume(stored.clone());
-                VolumeAttachment::from_value(stored).map_err(|_| Outcome::Retry)
-            }
+            Ok(stored) => self
+                .inf
+                .attachments
+                .assume_decoded(stored)
+                .map(Arc::unwrap_or_clone)
+                .map_err(|_| Outcome::Retry),
             Err(e) => Err(retry_after(&e)),
         }
     }

@@ -118,6 +118,20 @@ impl<T: Typed + Send + Sync + 'static> Informer<T> {
         }
     }
 
+    /// [`Informer::assume`], returning the decoded object: one decode serves the cache and the
+    /// caller.
+    pub fn assume_decoded(&self, v: Value) -> Result<Arc<T>, ApiError> {
+        if crate::sidecar::deleted_by_write(&v) {
+            let obj = Arc::new(T::from_value(v.clone())?);
+            self.apply(Event::Deleted(v));
+            return Ok(obj);
+        }
+        let (key, rev) = (object_key(&v), revision_of(&v));
+        let obj = Arc::new(T::from_value(v)?);
+        self.upsert(key, rev, obj.clone());
+        Ok(obj)
+    }
+
     fn apply(&self, ev: Event) {
         let (deleted, v) = match ev {
             Event::Added(v) | Event::Modified(v) => (false, v),
@@ -163,6 +177,11 @@ impl<T: Typed + Send + Sync + 'static> Informer<T> {
                 return;
             }
         };
+        self.upsert(key, rev, obj);
+    }
+
+    /// Caches `obj` at `rev` unless a copy as new is held, and tells the handlers.
+    fn upsert(&self, key: String, rev: u64, obj: Arc<T>) {
         let old = {
             let mut cache = write(&self.cache);
             match cache.get(&key) {

@@ -342,13 +342,10 @@ impl PvController {
         }
     }
 
-    async fn write_volume(&self, new: PersistentVolume, part: Part) -> Result<PersistentVolume, Outcome> {
+    async fn write_volume(&self, new: PersistentVolume, part: Part) -> Result<Arc<PersistentVolume>, Outcome> {
         let value = new.to_value().map_err(|_| Outcome::Retry)?;
         match self.api.update(kinds::pvs(), value, part).await {
-            Ok(stored) => {
-                self.inf.pvs.assume(stored.clone());
-                PersistentVolume::from_value(stored).map_err(|_| Outcome::Retry)
-            }
+            Ok(stored) => self.inf.pvs.assume_decoded(stored).map_err(|_| Outcome::Retry),
             Err(e) => Err(retry_after(&e)),
         }
     }
@@ -363,7 +360,7 @@ impl PvController {
                 Ok(v) => v,
                 Err(o) => return o,
             },
-            None => (*pv).clone(),
+            None => pv,
         };
         match pv_sync::bound_claim(claim, &pv) {
             Some(new) => self.write_claim(new, Part::Both).await,

@@ -678,10 +678,12 @@ impl Resizer {
     async fn write_claim(&self, new: PersistentVolumeClaim, part: Part) -> Result<PersistentVolumeClaim, Outcome> {
         let value = new.to_value().map_err(|_| Outcome::Retry)?;
         match self.api.update(kinds::pvcs(), value, part).await {
-            Ok(stored) => {
-                self.inf.pvcs.assume(stored.clone());
-                PersistentVolumeClaim::from_value(stored).map_err(|_| Outcome::Retry)
-            }
+            Ok(stored) => self
+                .inf
+                .pvcs
+                .assume_decoded(stored)
+                .map(Arc::unwrap_or_clone)
+                .map_err(|_| Outcome::Retry),
             Err(e) => Err(retry_after(&e)),
         }
     }
