@@ -338,4 +338,21 @@ mod tests {
         }));
         assert_eq!(phase(&inf, "a").as_deref(), Some("Available"));
     }
+
+    /// The decoded copy a write returns is the one cached; a newer copy already held stays, and
+    /// a body that is not the kind's type is an error, not a cache entry.
+    #[test]
+    fn assume_decoded_caches_and_returns_one_copy() {
+        let inf = Informer::<PersistentVolume>::new(kinds::pvs());
+        let got = inf.assume_decoded(pv("a", 5, "Bound")).unwrap();
+        assert!(Arc::ptr_eq(&got, &inf.get("a").unwrap()), "one decoded copy for both");
+        inf.assume(pv("a", 8, "Released"));
+        let older = inf.assume_decoded(pv("a", 6, "Available")).unwrap();
+        assert_eq!(older.status.as_ref().unwrap().phase.as_deref(), Some("Available"));
+        assert_eq!(phase(&inf, "a").as_deref(), Some("Released"), "the newer copy stays");
+        let mut bad = pv("b", 9, "Bound");
+        bad["spec"] = json!({"capacity": 7});
+        assert!(inf.assume_decoded(bad).is_err());
+        assert!(inf.get("b").is_none());
+    }
 }
