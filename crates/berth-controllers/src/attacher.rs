@@ -42,7 +42,7 @@ use crate::drivers::{Drivers, NodeInfo};
 use crate::events::{Involved, Recorder};
 use crate::informer::Change;
 use crate::protection::pod_claims;
-use crate::pv_controller::retry_after;
+use crate::pv_controller::{assumed, retry_after};
 use crate::pv_sync::Note;
 use crate::queue::{Outcome, Queue};
 use crate::sidecar::{self, CapabilityError};
@@ -997,13 +997,7 @@ impl Attacher {
         let value = va.to_value().map_err(|_| Outcome::Retry)?;
         match self.api.update(kinds::volume_attachments(), value, part).await {
             Ok(stored) if sidecar::deleted_by_write(&stored) => Err(Outcome::Done),
-            Ok(stored) => self
-                .inf
-                .attachments
-                .assume_decoded(stored)
-                .map(Arc::unwrap_or_clone)
-                .map_err(|_| Outcome::Retry),
-            Err(e) => Err(retry_after(&e)),
+            answer => assumed(&self.inf.attachments, answer).map(Arc::unwrap_or_clone),
         }
     }
 

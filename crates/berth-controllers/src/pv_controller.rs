@@ -344,10 +344,7 @@ impl PvController {
 
     async fn write_volume(&self, new: PersistentVolume, part: Part) -> Result<Arc<PersistentVolume>, Outcome> {
         let value = new.to_value().map_err(|_| Outcome::Retry)?;
-        match self.api.update(kinds::pvs(), value, part).await {
-            Ok(stored) => self.inf.pvs.assume_decoded(stored).map_err(|_| Outcome::Retry),
-            Err(e) => Err(retry_after(&e)),
-        }
+        assumed(&self.inf.pvs, self.api.update(kinds::pvs(), value, part).await)
     }
 
     /// Binds `claim` to `volume`: the volume first, then the claim.
@@ -435,6 +432,18 @@ impl PvController {
 
 /// How soon to look again after a failed write: at once after a conflict (the cache is about
 /// to catch up), never for a gone object, with backoff otherwise.
+/// A controller's update, answered: the stored object decoded once, for the informer's cache and
+/// for the caller; or the retry its error calls for.
+pub fn assumed<T: Typed + Send + Sync + 'static>(
+    inf: &crate::informer::Informer<T>,
+    answer: Result<serde_json::Value, ApiError>,
+) -> Result<Arc<T>, Outcome> {
+    match answer {
+        Ok(stored) => inf.assume_decoded(stored).map_err(|_| Outcome::Retry),
+        Err(e) => Err(retry_after(&e)),
+    }
+}
+
 pub fn retry_after(e: &ApiError) -> Outcome {
     match e {
         ApiError::NotFound(_) => Outcome::Done,

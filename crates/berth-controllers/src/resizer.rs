@@ -35,7 +35,7 @@ use crate::api::{Api, Part, Typed, kinds};
 use crate::drivers::{Driver, Drivers};
 use crate::events::{Involved, Recorder};
 use crate::informer::Change;
-use crate::pv_controller::retry_after;
+use crate::pv_controller::{assumed, retry_after};
 use crate::pv_sync::{Note, claim_key};
 use crate::queue::{Outcome, Queue};
 use crate::sidecar::{self, CapabilityError};
@@ -677,15 +677,7 @@ impl Resizer {
 
     async fn write_claim(&self, new: PersistentVolumeClaim, part: Part) -> Result<PersistentVolumeClaim, Outcome> {
         let value = new.to_value().map_err(|_| Outcome::Retry)?;
-        match self.api.update(kinds::pvcs(), value, part).await {
-            Ok(stored) => self
-                .inf
-                .pvcs
-                .assume_decoded(stored)
-                .map(Arc::unwrap_or_clone)
-                .map_err(|_| Outcome::Retry),
-            Err(e) => Err(retry_after(&e)),
-        }
+        assumed(&self.inf.pvcs, self.api.update(kinds::pvcs(), value, part).await).map(Arc::unwrap_or_clone)
     }
 }
 
