@@ -264,9 +264,12 @@ pub fn selected(obj: &Value, labels: &LabelSelector, fields: &FieldSelector) -> 
 
 /// Which parts of an object an update may change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Write {
+pub enum Write {
+    /// Metadata and spec, as a PUT.
     Main,
+    /// Status, as a PUT of `/status`.
     Status,
+    /// Both, validated as both (an in-process controller's write).
     Both,
 }
 
@@ -546,6 +549,29 @@ impl Objects {
         check_body_identity(res, ns, name, &new)?;
         let (old, old_rev) = self.read(res, ns, name).await?;
         self.write_update(res, ns, name, old, old_rev, new, Vec::new(), Write::Both, false)
+            .await
+    }
+
+    /// An in-process controller's write of `new` over `old`, the copy it holds from its cache
+    /// (with that copy's `resourceVersion`). The object is not read again: what the API stores
+    /// is the typed round trip of a body, so a cached typed copy at a revision is that
+    /// revision's object, and the store's compare-and-swap on the revision refuses a stale
+    /// copy with a Conflict, as a fresh read would. Without a revision in `old` it reads.
+    pub async fn update_over(
+        &self,
+        res: &Resource,
+        ns: Option<&str>,
+        name: &str,
+        old: Value,
+        new: Value,
+        part: Write,
+    ) -> Result<Answer, ApiError> {
+        check_body_identity(res, ns, name, &new)?;
+        let (old, old_rev) = match meta_str(&old, "resourceVersion").and_then(|rv| rv.parse::<u64>().ok()) {
+            Some(rev) if meta_str(&old, "name") == Some(name) && meta_str(&old, "namespace") == ns => (old, rev),
+            _ => self.read(res, ns, name).await?,
+        };
+        self.write_update(res, ns, name, old, old_rev, new, Vec::new(), part, false)
             .await
     }
 
@@ -873,6 +899,75 @@ fn check_body_identity(res: &Resource, ns: Option<&str>, name: &str, body: &Valu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A write over a cached copy: taken without a read when the copy is current, refused with
+    /// a Conflict when the object moved on, and read afresh when the copy names another object.
+    #[tokio::test]
+    async fn update_over_a_cached_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = berth_store::RedbStore::open(dir.path().join("store.redb"), Default::default()).unwrap();
+        let objects = Objects { store: Arc::new(store) };
+        let pv = berth_api::resources::by_plural("", "v1", "persistentvolumes").unwrap();
+        let body = json!({
+            "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "v"},
+            "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                     "hostPath": {"path": "/srv/v"}},
+        });
+        let created = objects.create(pv, None, body, Vec::new(), false).await.unwrap().body;
+        let with_phase = |base: &Value, phase: &str| {
+            let mut v = base.clone();
+            v["status"] = json!({"phase": phase});
+            v
+        };
+
+        let first = objects
+            .update_over(
+                pv,
+                None,
+                "v",
+                created.clone(),
+                with_phase(&created, "Available"),
+                Write::Status,
+            )
+            .await
+            .unwrap()
+            .body;
+        assert_eq!(first["status"]["phase"], "Available");
+        assert_ne!(
+            first["metadata"]["resourceVersion"],
+            created["metadata"]["resourceVersion"]
+        );
+        let stored = objects.get(pv, None, "v").await.unwrap();
+        assert_eq!(stored["status"]["phase"], "Available");
+        assert_eq!(stored["metadata"]["uid"], created["metadata"]["uid"]);
+
+        // The copy the first write replaced is stale now.
+        let stale = objects
+            .update_over(
+                pv,
+                None,
+                "v",
+                created.clone(),
+                with_phase(&created, "Released"),
+                Write::Status,
+            )
+            .await;
+        assert!(matches!(stale, Err(ApiError::Conflict { .. })), "{stale:?}");
+        assert_eq!(
+            objects.get(pv, None, "v").await.unwrap()["status"]["phase"],
+            "Available"
+        );
+
+        // A copy of another object is not taken for this one: the object is read.
+        let mut other = first.clone();
+        other["metadata"]["name"] = json!("w");
+        let answer = objects
+            .update_over(pv, None, "v", other, with_phase(&first, "Released"), Write::Status)
+            .await
+            .unwrap()
+            .body;
+        assert_eq!(answer["status"]["phase"], "Released");
+    }
 
     #[test]
     fn keys_and_prefixes() {

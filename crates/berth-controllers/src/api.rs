@@ -93,6 +93,13 @@ pub trait Api: Send + Sync + fmt::Debug + 'static {
     async fn create(&self, res: &'static Resource, obj: Value) -> Result<Value, ApiError>;
     /// Replaces `obj` (compare-and-swap on its `metadata.resourceVersion`); returns it as stored.
     async fn update(&self, res: &'static Resource, obj: Value, part: Part) -> Result<Value, ApiError>;
+    /// As [`Api::update`], for a controller that holds the object as it was (`old`, from its
+    /// cache, at the revision `obj` names): an API in this process may take it instead of
+    /// reading the object again. A stale `old` fails as a stale `obj` does, with a Conflict.
+    async fn update_over(&self, res: &'static Resource, old: Value, obj: Value, part: Part) -> Result<Value, ApiError> {
+        let _ = old;
+        self.update(res, obj, part).await
+    }
     /// Deletes an object (only the one with `uid`, when given); Terminating when it has finalizers.
     async fn delete(
         &self,

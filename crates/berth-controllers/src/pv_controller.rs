@@ -301,7 +301,7 @@ impl PvController {
 
     async fn claim_phase(&self, claim: &PersistentVolumeClaim, phase: &str) -> Outcome {
         match pv_sync::claim_in_phase(claim, phase) {
-            Some(new) => self.write_claim(new, Part::Status).await,
+            Some(new) => self.write_claim(claim, new, Part::Status).await,
             None => Outcome::Done,
         }
     }
@@ -322,18 +322,19 @@ impl PvController {
         }
         // Annotations and phase in one write.
         new.status.get_or_insert_with(Default::default).phase = Some("Pending".into());
-        self.write_claim(new, Part::Both).await
+        self.write_claim(claim, new, Part::Both).await
     }
 
-    async fn write_claim(&self, new: PersistentVolumeClaim, part: Part) -> Outcome {
-        let value = match new.to_value() {
-            Ok(v) => v,
-            Err(e) => {
+    /// Writes `new` over `old`, the cached claim it was made from.
+    async fn write_claim(&self, old: &PersistentVolumeClaim, new: PersistentVolumeClaim, part: Part) -> Outcome {
+        let (old, value) = match (old.to_value(), new.to_value()) {
+            (Ok(o), Ok(v)) => (o, v),
+            (Err(e), _) | (_, Err(e)) => {
                 tracing::warn!(error = %e, "encoding a claim");
                 return Outcome::Retry;
             }
         };
-        match self.api.update(kinds::pvcs(), value, part).await {
+        match self.api.update_over(kinds::pvcs(), old, value, part).await {
             Ok(stored) => {
                 self.inf.pvcs.assume(stored);
                 Outcome::Done
@@ -342,9 +343,19 @@ impl PvController {
         }
     }
 
-    async fn write_volume(&self, new: PersistentVolume, part: Part) -> Result<Arc<PersistentVolume>, Outcome> {
+    /// Writes `new` over `old`, the cached volume it was made from.
+    async fn write_volume(
+        &self,
+        old: &PersistentVolume,
+        new: PersistentVolume,
+        part: Part,
+    ) -> Result<Arc<PersistentVolume>, Outcome> {
+        let old = old.to_value().map_err(|_| Outcome::Retry)?;
         let value = new.to_value().map_err(|_| Outcome::Retry)?;
-        assumed(&self.inf.pvs, self.api.update(kinds::pvs(), value, part).await)
+        assumed(
+            &self.inf.pvs,
+            self.api.update_over(kinds::pvs(), old, value, part).await,
+        )
     }
 
     /// Binds `claim` to `volume`: the volume first, then the claim.
@@ -353,14 +364,14 @@ impl PvController {
             return Outcome::Retry;
         };
         let pv = match pv_sync::bound_volume(&pv, claim) {
-            Some(new) => match self.write_volume(new, Part::Both).await {
+            Some(new) => match self.write_volume(&pv, new, Part::Both).await {
                 Ok(v) => v,
                 Err(o) => return o,
             },
             None => pv,
         };
         match pv_sync::bound_claim(claim, &pv) {
-            Some(new) => self.write_claim(new, Part::Both).await,
+            Some(new) => self.write_claim(claim, new, Part::Both).await,
             None => Outcome::Done,
         }
     }
@@ -408,7 +419,7 @@ impl PvController {
                     self.events.record(pv_involved(&pv), n.clone());
                 }
                 match pv_sync::volume_in_phase(&pv, phase, note.as_ref()) {
-                    Some(new) => match self.write_volume(new, Part::Status).await {
+                    Some(new) => match self.write_volume(&pv, new, Part::Status).await {
                         Ok(_) => Outcome::Done,
                         Err(o) => o,
                     },
@@ -416,7 +427,10 @@ impl PvController {
                 }
             }
             VolumeStep::Unbind { whole } => {
-                match self.write_volume(pv_sync::unbound_volume(&pv, whole), Part::Both).await {
+                match self
+                    .write_volume(&pv, pv_sync::unbound_volume(&pv, whole), Part::Both)
+                    .await
+                {
                     Ok(_) => Outcome::Done,
                     Err(o) => o,
                 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use berth_api::Resource;
 use berth_apiserver::decode::DeleteOptions;
 use berth_apiserver::error::ApiError as ServerError;
-use berth_apiserver::objects::{ListRequest, Objects, prefix, stamped};
+use berth_apiserver::objects::{ListRequest, Objects, Write, prefix, stamped};
 use berth_controllers::api::{Api, ApiError, Event, EventStream, Lazy, Part};
 use berth_controllers::drivers::{Driver, Drivers};
 use berth_store::{StoreError, WatchEvent};
@@ -120,6 +120,21 @@ impl Api for LocalApi {
             Part::Both => self.objects.update_all(res, ns.as_deref(), &name, obj).await,
         }
         .map_err(convert)?;
+        Ok(answer.body)
+    }
+
+    async fn update_over(&self, res: &'static Resource, old: Value, obj: Value, part: Part) -> Result<Value, ApiError> {
+        let (ns, name) = ns_name(&obj);
+        let part = match part {
+            Part::Main => Write::Main,
+            Part::Status => Write::Status,
+            Part::Both => Write::Both,
+        };
+        let answer = self
+            .objects
+            .update_over(res, ns.as_deref(), &name, old, obj, part)
+            .await
+            .map_err(convert)?;
         Ok(answer.body)
     }
 
