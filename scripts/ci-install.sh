@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs, idempotently, everything Berth's tests need on a Debian 12 machine (run as root):
 # Debian packages, csi-sanity v5.5.0, rustfmt and clippy, Debian's kubectl 1.20 (unpacked
-# privately), and the kernel modules for loop devices and the filesystems the engine uses. Fails
-# loudly when something cannot be had.
+# privately), the GCE PD CSI driver on a fake cloud (scripts/gce-pd-driver), and the kernel
+# modules for loop devices and the filesystems the engine uses. Fails loudly when something
+# cannot be had.
 set -euo pipefail
 
 CSI_SANITY_MODULE=github.com/kubernetes-csi/csi-test/v5
@@ -102,6 +103,37 @@ else
         die "go install csi-sanity@$CSI_SANITY_VERSION failed ($(go version))"
     [[ $(sanity_version "$sanity") == "$CSI_SANITY_VERSION" ]] ||
         die "$sanity does not report $CSI_SANITY_VERSION after go install"
+fi
+
+# --- The GCE PD CSI driver on a fake cloud (scripts/anydriver-e2e.sh) ------------------------
+# An independent CSI driver for the "any driver" e2e: Google's pd.csi.storage.gke.io at the
+# version scripts/gce-pd-driver/go.mod pins, served by the small wrapper there. Built from the
+# module proxy only (no VCS fallback), with go.sum enforced; rebuilt only when the wrapper's
+# sources or the Go toolchain change (a hash of both is kept next to the binary). A cold build
+# takes minutes on 2 cores.
+GCE_PD_SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/gce-pd-driver
+GCE_PD_DIR=/opt/berth-ci/gce-pd-driver
+GCE_PD_BIN=$GCE_PD_DIR/gce-pd-fake-csi
+GCE_PD_VERSION=$(awk '$1 == "sigs.k8s.io/gcp-compute-persistent-disk-csi-driver" { print $2 }' "$GCE_PD_SRC/go.mod")
+[[ -n $GCE_PD_VERSION ]] || die "$GCE_PD_SRC/go.mod does not require sigs.k8s.io/gcp-compute-persistent-disk-csi-driver"
+gce_pd_hash=$( (cd "$GCE_PD_SRC" && cat go.mod go.sum main.go && go version) | sha256sum | cut -d' ' -f1)
+if [[ -x $GCE_PD_BIN && -r $GCE_PD_DIR/source.sha256 && $(<"$GCE_PD_DIR/source.sha256") == "$gce_pd_hash" ]] &&
+    [[ $("$GCE_PD_BIN" version 2>/dev/null) == "$GCE_PD_VERSION" ]]; then
+    say "GCE PD CSI driver $GCE_PD_VERSION (fake cloud) present at $GCE_PD_BIN"
+else
+    proxy=$(go env GOPROXY | sed -E 's/[,|]direct$//')
+    [[ -n $proxy && $proxy != direct && $proxy != off ]] ||
+        die "GOPROXY is '$(go env GOPROXY)': the GCE PD driver is built through a module proxy only"
+    say "building the GCE PD CSI driver $GCE_PD_VERSION (fake cloud) into $GCE_PD_BIN through $proxy"
+    mkdir -p "$GCE_PD_DIR"
+    rm -f "$GCE_PD_DIR/source.sha256"
+    (cd "$GCE_PD_SRC" && GOPROXY=$proxy GOFLAGS='-mod=readonly -buildvcs=false' \
+        go build -o "$GCE_PD_BIN.new" .) ||
+        die "go build of $GCE_PD_SRC (GCE PD driver $GCE_PD_VERSION) failed ($(go version), GOPROXY=$proxy)"
+    got=$("$GCE_PD_BIN.new" version) || die "$GCE_PD_BIN.new does not run"
+    [[ $got == "$GCE_PD_VERSION" ]] || die "$GCE_PD_BIN.new links the driver at '$got', go.mod says $GCE_PD_VERSION"
+    mv -f "$GCE_PD_BIN.new" "$GCE_PD_BIN"
+    echo "$gce_pd_hash" >"$GCE_PD_DIR/source.sha256"
 fi
 
 # --- Kernel: loop devices and filesystems ----------------------------------------------------

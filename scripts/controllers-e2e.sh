@@ -47,54 +47,6 @@ trap cleanup EXIT
 
 # shellcheck source=scripts/e2e-lib.sh
 source "$root/scripts/e2e-lib.sh"
-# eventually NAME SECONDS REGEX CMD...: CMD's output matches REGEX within SECONDS (polled).
-eventually() {
-    local name=$1 secs=$2 re=$3
-    shift 3
-    local deadline=$((SECONDS + secs))
-    while :; do
-        if "$@" >"$work/out" 2>&1 && grep -Eq -- "$re" "$work/out"; then
-            pass "$name"
-            return 0
-        fi
-        if ((SECONDS >= deadline)); then
-            fail "$name (not within ${secs}s)"
-            return 0
-        fi
-        sleep 0.2
-    done
-}
-# gone NAME SECONDS OBJECT: `kubectl get OBJECT` answers NotFound within SECONDS.
-gone() {
-    local name=$1 secs=$2 obj=$3
-    local deadline=$((SECONDS + secs))
-    while :; do
-        if ! "$KUBECTL" get "$obj" >"$work/out" 2>&1 && grep -q 'NotFound' "$work/out"; then
-            pass "$name"
-            return 0
-        fi
-        if ((SECONDS >= deadline)); then
-            fail "$name (not within ${secs}s)"
-            return 0
-        fi
-        sleep 0.2
-    done
-}
-# stays NAME SECONDS REGEX CMD...: CMD's output keeps matching REGEX for SECONDS.
-stays() {
-    local name=$1 secs=$2 re=$3
-    shift 3
-    local deadline=$((SECONDS + secs))
-    while ((SECONDS < deadline)); do
-        if ! { "$@" >"$work/out" 2>&1 && grep -Eq -- "$re" "$work/out"; }; then
-            fail "$name"
-            return 0
-        fi
-        sleep 0.5
-    done
-    pass "$name"
-}
-
 k() { "$KUBECTL" "$@"; }
 # jp OBJ JSONPATH: kubectl get OBJ -o jsonpath=JSONPATH.
 jp() { "$KUBECTL" get "$1" -o "jsonpath=$2"; }

@@ -1,6 +1,7 @@
 # shellcheck shell=bash
-# Checks shared by the kubectl sessions (scripts/kubectl-e2e.sh, scripts/controllers-e2e.sh).
-# The sourcing script sets `work` (its temp dir) and the counters `passed` and `failed`.
+# Checks shared by the kubectl sessions (scripts/kubectl-e2e.sh, scripts/controllers-e2e.sh,
+# scripts/anydriver-e2e.sh). The sourcing script sets `work` (its temp dir), `KUBECTL` and the
+# counters `passed` and `failed`.
 # shellcheck disable=SC2154 # work is the sourcing script's
 
 pass() { passed=$((passed + 1)); echo "PASS $1"; }
@@ -27,4 +28,51 @@ expect_no() {
     local name=$1 re=$2
     shift 2
     if "$@" >"$work/out" 2>&1 && ! grep -Eq -- "$re" "$work/out"; then pass "$name"; else fail "$name"; fi
+}
+# eventually NAME SECONDS REGEX CMD...: CMD's output matches REGEX within SECONDS (polled).
+eventually() {
+    local name=$1 secs=$2 re=$3
+    shift 3
+    local deadline=$((SECONDS + secs))
+    while :; do
+        if "$@" >"$work/out" 2>&1 && grep -Eq -- "$re" "$work/out"; then
+            pass "$name"
+            return 0
+        fi
+        if ((SECONDS >= deadline)); then
+            fail "$name (not within ${secs}s)"
+            return 0
+        fi
+        sleep 0.2
+    done
+}
+# gone NAME SECONDS OBJECT: `kubectl get OBJECT` answers NotFound within SECONDS.
+gone() {
+    local name=$1 secs=$2 obj=$3
+    local deadline=$((SECONDS + secs))
+    while :; do
+        if ! "$KUBECTL" get "$obj" >"$work/out" 2>&1 && grep -q 'NotFound' "$work/out"; then
+            pass "$name"
+            return 0
+        fi
+        if ((SECONDS >= deadline)); then
+            fail "$name (not within ${secs}s)"
+            return 0
+        fi
+        sleep 0.2
+    done
+}
+# stays NAME SECONDS REGEX CMD...: CMD's output keeps matching REGEX for SECONDS.
+stays() {
+    local name=$1 secs=$2 re=$3
+    shift 3
+    local deadline=$((SECONDS + secs))
+    while ((SECONDS < deadline)); do
+        if ! { "$@" >"$work/out" 2>&1 && grep -Eq -- "$re" "$work/out"; }; then
+            fail "$name"
+            return 0
+        fi
+        sleep 0.5
+    done
+    pass "$name"
 }

@@ -5,7 +5,9 @@
 #   3. builds `berth` and runs `cargo test --workspace` (the end-to-end tests need root);
 #   4. runs csi-sanity v5.5.0 against `berth csi` for each kind: dir, fs-ext4, fs-xfs, block, tmpfs;
 #   5. runs the docker e2e, and the kubectl session against `berth server` (Debian's kubectl 1.20,
-#      then the preinstalled newer kubectl when there is one).
+#      then the preinstalled newer kubectl when there is one);
+#   6. runs the storage controllers through kubectl with Berth's driver (controllers-e2e) and with
+#      an independent one, the GCE PD driver on a fake cloud (anydriver-e2e).
 # Every step runs even when an earlier one failed (unless the build failed), so one run shows
 # everything. The last line is "N passed, N failed": cargo tests plus csi-sanity specs, plus one
 # failure for each step that failed without counting tests (lint, build, a sanity run that broke).
@@ -215,6 +217,10 @@ done
 
 # The storage control plane through kubectl, against the all-in-one server (issue 5).
 counted "controllers e2e" controllers-e2e env BERTH_BIN="$target_dir/debug/berth" scripts/controllers-e2e.sh
+
+# The same flow through a CSI driver Berth did not write: Google's GCE PD driver, from the Go
+# module proxy, on its own fake cloud (issue 5, must-show 3; scripts/ci-install.sh builds it).
+counted "anydriver e2e (GCE PD)" anydriver-e2e env BERTH_BIN="$target_dir/debug/berth" scripts/anydriver-e2e.sh
 
 # Smoke runs of the benchmarks: they must keep working; figures at this size mean little.
 for bench in api bind "bind --dynamic 100" csi snapshot fio; do
