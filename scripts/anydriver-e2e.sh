@@ -155,6 +155,8 @@ expect "provision: the PV is pinned to the disk's zone" "^topology.gke.io/zone I
 expect "provision: capacity, reclaim policy, claimRef and class" "^10Gi Delete pd-claim $uid pd-immediate\$" \
     jp "pv/$pv" '{.spec.capacity.storage} {.spec.persistentVolumeReclaimPolicy} {.spec.claimRef.name} {.spec.claimRef.uid} {.spec.storageClassName}'
 expect "provision: the PV says who provisioned it" "^$driver\$" jp "pv/$pv" '{.metadata.annotations.pv\.kubernetes\.io/provisioned-by}'
+expect "provision: the PV records the provisioner's identity, <start ms>-<random>-<driver>" "^[0-9]{13}-[0-9]{1,4}-$driver\$" \
+    jp "pv/$pv" '{.spec.csi.volumeAttributes.storage\.kubernetes\.io/csiProvisionerIdentity}'
 expect "provision: ProvisioningSucceeded recorded" "ProvisioningSucceeded.*Successfully provisioned volume $pv" \
     k get events --field-selector involvedObject.name=pd-claim
 expect "provision: the driver got CreateVolume pvc-<uid>, 10Gi, with the node's zone as requisite topology" \

@@ -44,6 +44,8 @@ expect "dynamic: its volume is pvc-<claim uid>" "^pvc-$uid\$" jp pvc/dyn-default
 pv=pvc-$uid
 expect "dynamic: the PV has the CSI source of Berth's driver" '^csi.berth.dev .+' jp "pv/$pv" '{.spec.csi.driver} {.spec.csi.volumeHandle}'
 expect "dynamic: the PV says who provisioned it" '^csi.berth.dev$' jp "pv/$pv" '{.metadata.annotations.pv\.kubernetes\.io/provisioned-by}'
+expect "dynamic: the PV records the provisioner's identity, <start ms>-<random>-<driver>" '^[0-9]{13}-[0-9]{1,4}-csi.berth.dev$' \
+    jp "pv/$pv" '{.spec.csi.volumeAttributes.storage\.kubernetes\.io/csiProvisionerIdentity}'
 expect "dynamic: the PV has the provisioner's finalizer and pv-protection" 'external-provisioner.volume.kubernetes.io/finalizer' jp "pv/$pv" '{.metadata.finalizers}'
 expect "dynamic: capacity, reclaim policy, claimRef and class" "64Mi Delete dyn-default $uid berth-dir" \
     jp "pv/$pv" '{.spec.capacity.storage} {.spec.persistentVolumeReclaimPolicy} {.spec.claimRef.name} {.spec.claimRef.uid} {.spec.storageClassName}'

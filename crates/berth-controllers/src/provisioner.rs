@@ -46,6 +46,20 @@ pub struct Provisioner {
     claims: Arc<Queue>,
     volumes: Arc<Queue>,
     events: Recorder,
+    /// `<start, ms since the epoch>-<0..9999>`: with the driver's name, this instance's
+    /// identity in every PV it writes (`storage.kubernetes.io/csiProvisionerIdentity`), as
+    /// external-provisioner records its own.
+    identity: String,
+}
+
+/// The start and a random number below 10,000, as external-provisioner makes its identity.
+fn identity_prefix() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let random = std::collections::hash_map::RandomState::new().build_hasher().finish() % 10_000;
+    format!("{ms}-{random}")
 }
 
 fn provisioner_of(claim: &PersistentVolumeClaim) -> Option<&str> {
@@ -76,6 +90,7 @@ impl Provisioner {
             claims: Queue::new("provision"),
             volumes: Queue::new("delete"),
             events: events.for_component("external-provisioner"),
+            identity: identity_prefix(),
         });
         let q = p.claims.clone();
         inf.pvcs.on_change(move |c| {
@@ -380,6 +395,7 @@ impl Provisioner {
             ))
         })?;
         let mut config = ProvisionerConfig::new(driver.name.clone());
+        config.identity = format!("{}-{}", self.identity, driver.name);
         config.single_node_multi_writer =
             driver.controller(berth_csi::v1::controller_service_capability::rpc::Type::SingleNodeMultiWriter);
         let (keys, segments) = self.topology(driver, node);
@@ -578,5 +594,23 @@ impl Provisioner {
             Ok(()) | Err(ApiError::NotFound(_)) => Outcome::Done,
             Err(e) => retry_after(&e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_is_start_millis_and_a_number_below_ten_thousand() {
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis();
+        let id = identity_prefix();
+        let (ms, random) = id.split_once('-').unwrap();
+        let ms: u128 = ms.parse().unwrap();
+        assert!(ms >= before && ms < before + 60_000, "{id}");
+        assert!(random.parse::<u16>().unwrap() < 10_000, "{id}");
     }
 }
