@@ -166,9 +166,11 @@ impl Provisioner {
             .record(Involved::of("v1", "PersistentVolumeClaim", &claim.metadata), note);
     }
 
-    async fn write_claim(&self, claim: PersistentVolumeClaim) -> Result<(), Outcome> {
-        let v = claim.to_value().map_err(|_| Outcome::Retry)?;
-        match self.api.update(kinds::pvcs(), v, Part::Main).await {
+    /// Writes `new` over `old`, the cached claim it was made from.
+    async fn write_claim(&self, old: &PersistentVolumeClaim, new: PersistentVolumeClaim) -> Result<(), Outcome> {
+        let old = old.to_value().map_err(|_| Outcome::Retry)?;
+        let v = new.to_value().map_err(|_| Outcome::Retry)?;
+        match self.api.update_over(kinds::pvcs(), old, v, Part::Main).await {
             Ok(stored) => {
                 self.inf.pvcs.assume(stored);
                 Ok(())
@@ -187,7 +189,7 @@ impl Provisioner {
             // The PV carries the volume now.
             let mut new = (*claim).clone();
             crate::protection::drop_finalizer(&mut new.metadata, PROVISIONING_FINALIZER);
-            return self.write_claim(new).await.err().unwrap_or(Outcome::Done);
+            return self.write_claim(&claim, new).await.err().unwrap_or(Outcome::Done);
         }
         let Some(driver_name) = provisioner_of(&claim).map(str::to_owned) else {
             return Outcome::Done;
@@ -423,7 +425,7 @@ impl Provisioner {
                 .finalizers
                 .get_or_insert_with(Vec::new)
                 .push(PROVISIONING_FINALIZER.into());
-            self.write_claim(new).await?;
+            self.write_claim(claim, new).await?;
         }
         self.note(
             claim,
@@ -451,7 +453,7 @@ impl Provisioner {
                     // A definite failure: no volume exists, so nothing is left to undo.
                     let mut new = claim.clone();
                     crate::protection::drop_finalizer(&mut new.metadata, PROVISIONING_FINALIZER);
-                    return self.write_claim(new).await;
+                    return self.write_claim(claim, new).await;
                 }
                 return Err(match retry {
                     Retry::Reschedule => {
@@ -460,7 +462,7 @@ impl Provisioner {
                             a.remove(ANN_SELECTED_NODE);
                         }
                         self.note(claim, Note::warning("ProvisioningFailed", msg));
-                        self.write_claim(new).await.err().unwrap_or(Outcome::Done)
+                        self.write_claim(claim, new).await.err().unwrap_or(Outcome::Done)
                     }
                     Retry::Background => Outcome::After(Duration::from_millis(500)),
                     _ => fail(msg),
@@ -480,7 +482,7 @@ impl Provisioner {
             })?;
             let mut new = claim.clone();
             crate::protection::drop_finalizer(&mut new.metadata, PROVISIONING_FINALIZER);
-            return self.write_claim(new).await;
+            return self.write_claim(claim, new).await;
         }
         let pv = match provision::persistent_volume(&input, &response) {
             Ok(pv) => pv,
