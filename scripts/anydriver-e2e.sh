@@ -57,9 +57,6 @@ trap cleanup EXIT
 
 # shellcheck source=scripts/e2e-lib.sh
 source "$root/scripts/e2e-lib.sh"
-k() { "$KUBECTL" "$@"; }
-# jp OBJ JSONPATH: kubectl get OBJ -o jsonpath=JSONPATH.
-jp() { "$KUBECTL" get "$1" -o "jsonpath=$2"; }
 
 driver=pd.csi.storage.gke.io
 project=berth-ci

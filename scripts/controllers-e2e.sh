@@ -47,9 +47,6 @@ trap cleanup EXIT
 
 # shellcheck source=scripts/e2e-lib.sh
 source "$root/scripts/e2e-lib.sh"
-k() { "$KUBECTL" "$@"; }
-# jp OBJ JSONPATH: kubectl get OBJ -o jsonpath=JSONPATH.
-jp() { "$KUBECTL" get "$1" -o "jsonpath=$2"; }
 
 # start_server: (re)starts berth server on $data (same port each time).
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')

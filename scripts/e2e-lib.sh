@@ -47,21 +47,9 @@ eventually() {
     done
 }
 # gone NAME SECONDS OBJECT: `kubectl get OBJECT` answers NotFound within SECONDS.
-gone() {
-    local name=$1 secs=$2 obj=$3
-    local deadline=$((SECONDS + secs))
-    while :; do
-        if ! "$KUBECTL" get "$obj" >"$work/out" 2>&1 && grep -q 'NotFound' "$work/out"; then
-            pass "$name"
-            return 0
-        fi
-        if ((SECONDS >= deadline)); then
-            fail "$name (not within ${secs}s)"
-            return 0
-        fi
-        sleep 0.2
-    done
-}
+gone() { eventually "$1" "$2" 'NotFound' missing "$3"; }
+# missing OBJECT: succeeds (with kubectl's answer as output) when `kubectl get OBJECT` fails.
+missing() { ! "$KUBECTL" get "$1"; }
 # stays NAME SECONDS REGEX CMD...: CMD's output keeps matching REGEX for SECONDS.
 stays() {
     local name=$1 secs=$2 re=$3
@@ -76,3 +64,6 @@ stays() {
     done
     pass "$name"
 }
+# k ARGS...: kubectl. jp OBJ JSONPATH: kubectl get OBJ -o jsonpath=JSONPATH.
+k() { "$KUBECTL" "$@"; }
+jp() { "$KUBECTL" get "$1" -o "jsonpath=$2"; }

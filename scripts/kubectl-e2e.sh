@@ -56,7 +56,6 @@ for _ in $(seq 1 100); do
     sleep 0.1
 done
 export KUBECONFIG=$work/data/admin.kubeconfig HOME=$work
-k() { "$KUBECTL" "$@"; }
 echo "kubectl-e2e: $("$KUBECTL" version --client --short 2>/dev/null || "$KUBECTL" version --client 2>/dev/null | head -n 1) against $url"
 
 m=$work/manifests
