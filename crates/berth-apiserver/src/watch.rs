@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use crate::error::ApiError;
-use crate::objects::{ListRequest, Objects, prefix, selected, stamped};
+use crate::objects::{ListRequest, Objects, prefix, selected, stamped, stamped_json};
 
 /// Kubernetes' default watch timeout is 30 to 60 minutes; one hour here.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -49,6 +49,19 @@ fn event_line(kind: &str, object: Value) -> Bytes {
     Bytes::from(line)
 }
 
+/// The line of an event whose object goes out as stored, resourceVersion stamped (no table and
+/// no selector needs it parsed): the stored text is spliced, not parsed and serialized again.
+fn stored_event_line(kind: &str, stored: &[u8], revision: u64) -> Option<Bytes> {
+    let object = stamped_json(stored, revision).ok()?;
+    let mut line = Vec::with_capacity(object.len() + 32);
+    line.extend_from_slice(b"{\"type\":\"");
+    line.extend_from_slice(kind.as_bytes());
+    line.extend_from_slice(b"\",\"object\":");
+    line.extend_from_slice(&object);
+    line.extend_from_slice(b"}\n");
+    Some(Bytes::from(line))
+}
+
 fn expired(requested: &str) -> Bytes {
     let status = ApiError::Gone(format!("too old resource version: {requested}")).status();
     event_line("ERROR", status)
@@ -71,6 +84,9 @@ pub fn start(objects: &Objects, req: WatchRequest) -> Result<mpsc::Receiver<Byte
 
     let rv = req.resource_version.clone().unwrap_or_default();
     let filtered = req.list.labels != LabelSelector::default() || req.list.fields != FieldSelector::default();
+    // Objects go out as stored: nothing needs them parsed.
+    let plain =
+        req.table.is_none() && req.list.labels.requirements.is_empty() && req.list.fields.requirements.is_empty();
     let knows_past = rv.is_empty() || rv == "0";
     let from_rv = if knows_past {
         None
@@ -107,6 +123,15 @@ pub fn start(objects: &Objects, req: WatchRequest) -> Result<mpsc::Receiver<Byte
                     at = Some(page.revision);
                     for o in &page.items {
                         if exact.as_ref().is_some_and(|k| *k != o.key) {
+                            continue;
+                        }
+                        if plain {
+                            let Some(line) = stored_event_line("ADDED", &o.value, o.mod_revision) else {
+                                continue;
+                            };
+                            if tx.send(line).await.is_err() {
+                                return;
+                            }
                             continue;
                         }
                         let Ok(v) = stamped(&o.value, o.mod_revision) else {
@@ -182,17 +207,24 @@ pub fn start(objects: &Objects, req: WatchRequest) -> Result<mpsc::Receiver<Byte
                     if exact.as_ref().is_some_and(|k| *k != o.key) {
                         continue;
                     }
-                    let Ok(v) = stamped(&o.value, o.mod_revision) else {
-                        continue;
-                    };
-                    let now = selected(&v, &req.list.labels, &req.list.fields);
-                    let kind = if filtered {
-                        transition(kind, now, &o.key, &mut matching, knows_past)
+                    if plain {
+                        match stored_event_line(kind, &o.value, o.mod_revision) {
+                            Some(line) => line,
+                            None => continue,
+                        }
                     } else {
-                        now.then_some(kind)
-                    };
-                    let Some(kind) = kind else { continue };
-                    event_line(kind, render(&req, v))
+                        let Ok(v) = stamped(&o.value, o.mod_revision) else {
+                            continue;
+                        };
+                        let now = selected(&v, &req.list.labels, &req.list.fields);
+                        let kind = if filtered {
+                            transition(kind, now, &o.key, &mut matching, knows_past)
+                        } else {
+                            now.then_some(kind)
+                        };
+                        let Some(kind) = kind else { continue };
+                        event_line(kind, render(&req, v))
+                    }
                 }
             };
             if tx.send(line).await.is_err() {

@@ -61,11 +61,19 @@ pub enum Event {
 }
 
 /// An object known by its cache key (`namespace/name` or `name`) and revision, whose body is
-/// decoded on demand.
+/// made on demand: JSON text, resourceVersion stamped, for [`Typed::from_json`].
 pub struct Lazy {
     pub key: String,
     pub revision: u64,
-    pub decode: Box<dyn FnOnce() -> Result<Value, ApiError> + Send>,
+    pub decode: Box<dyn FnOnce() -> Result<Vec<u8>, ApiError> + Send>,
+}
+
+/// One listed object as JSON text (resourceVersion stamped), with its cache key and revision.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub key: String,
+    pub revision: u64,
+    pub json: Vec<u8>,
 }
 
 impl fmt::Debug for Lazy {
@@ -85,6 +93,22 @@ pub type EventStream = mpsc::Receiver<Result<Event, ApiError>>;
 pub trait Api: Send + Sync + fmt::Debug + 'static {
     /// Every object of a kind (all namespaces) and the revision they were read at.
     async fn list(&self, res: &'static Resource) -> Result<(Vec<Value>, u64), ApiError>;
+    /// [`Api::list`] as JSON text, which an informer decodes straight into its typed objects;
+    /// an API in this process gives the stored text without making a `Value` of each object.
+    async fn list_json(&self, res: &'static Resource) -> Result<(Vec<Listed>, u64), ApiError> {
+        let (items, revision) = self.list(res).await?;
+        let listed = items
+            .iter()
+            .map(|v| {
+                Ok(Listed {
+                    key: object_key(v),
+                    revision: crate::informer::revision_of(v),
+                    json: serde_json::to_vec(v).map_err(|e| ApiError::Other(format!("encoding an object: {e}")))?,
+                })
+            })
+            .collect::<Result<_, ApiError>>()?;
+        Ok((listed, revision))
+    }
     /// The changes after `revision`.
     async fn watch(&self, res: &'static Resource, revision: u64) -> Result<EventStream, ApiError>;
     /// One object, fresh from the store (not a cache).
@@ -174,12 +198,16 @@ pub mod kinds {
 /// JSON <-> k8s-openapi conversions at the edge of [`Api`].
 pub trait Typed: Sized {
     fn from_value(v: Value) -> Result<Self, ApiError>;
+    fn from_json(json: &[u8]) -> Result<Self, ApiError>;
     fn to_value(&self) -> Result<Value, ApiError>;
 }
 
 impl<T: DeserializeOwned + Serialize> Typed for T {
     fn from_value(v: Value) -> Result<Self, ApiError> {
         serde_json::from_value(v).map_err(|e| ApiError::Other(format!("decoding an object: {e}")))
+    }
+    fn from_json(json: &[u8]) -> Result<Self, ApiError> {
+        serde_json::from_slice(json).map_err(|e| ApiError::Other(format!("decoding an object: {e}")))
     }
     fn to_value(&self) -> Result<Value, ApiError> {
         serde_json::to_value(self).map_err(|e| ApiError::Other(format!("encoding an object: {e}")))

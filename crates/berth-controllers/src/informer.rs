@@ -14,7 +14,7 @@ use berth_api::Resource;
 use serde_json::Value;
 use tokio::sync::watch;
 
-use crate::api::{Api, ApiError, Event, Typed, object_key};
+use crate::api::{Api, ApiError, Event, Listed, Typed, object_key};
 
 /// One change, as handlers see it.
 #[derive(Debug)]
@@ -137,17 +137,17 @@ impl<T: Typed + Send + Sync + 'static> Informer<T> {
             Event::Added(v) | Event::Modified(v) => (false, v),
             Event::Deleted(v) => (true, v),
             Event::Changed(lazy) => {
-                if lazy.revision != 0 && read(&self.cache).get(&lazy.key).is_some_and(|e| e.rev >= lazy.revision) {
+                if self.holds(&lazy.key, lazy.revision) {
                     // Already held (an assumed copy of our own write): not even parsed.
                     return;
                 }
                 match (lazy.decode)() {
-                    Ok(v) => (false, v),
+                    Ok(json) => self.upsert_json(lazy.key, lazy.revision, &json),
                     Err(e) => {
                         tracing::warn!(kind = self.res.kind, key = %lazy.key, error = %e, "skipping an object that does not decode");
-                        return;
                     }
                 }
+                return;
             }
         };
         let key = object_key(&v);
@@ -180,6 +180,21 @@ impl<T: Typed + Send + Sync + 'static> Informer<T> {
         self.upsert(key, rev, obj);
     }
 
+    /// Whether the cache holds `key` at `rev` or newer (`rev` 0: unknown, never held).
+    fn holds(&self, key: &str, rev: u64) -> bool {
+        rev != 0 && read(&self.cache).get(key).is_some_and(|e| e.rev >= rev)
+    }
+
+    /// Decodes `json` (the object under `key` at `rev`) straight into `T` and caches it.
+    fn upsert_json(&self, key: String, rev: u64, json: &[u8]) {
+        match T::from_json(json) {
+            Ok(obj) => self.upsert(key, rev, Arc::new(obj)),
+            Err(e) => {
+                tracing::warn!(kind = self.res.kind, %key, error = %e, "skipping an object that does not decode");
+            }
+        }
+    }
+
     /// Caches `obj` at `rev` unless a copy as new is held, and tells the handlers.
     fn upsert(&self, key: String, rev: u64, obj: Arc<T>) {
         let old = {
@@ -202,11 +217,13 @@ impl<T: Typed + Send + Sync + 'static> Informer<T> {
     }
 
     /// Replaces the cache with a fresh list, reporting what changed.
-    fn replace(&self, items: Vec<Value>) {
+    fn replace(&self, items: Vec<Listed>) {
         let mut seen = std::collections::HashSet::with_capacity(items.len());
-        for v in items {
-            seen.insert(object_key(&v));
-            self.apply(Event::Added(v));
+        for item in items {
+            seen.insert(item.key.clone());
+            if !self.holds(&item.key, item.revision) {
+                self.upsert_json(item.key, item.revision, &item.json);
+            }
         }
         let stale: Vec<String> = read(&self.cache)
             .keys()
@@ -248,7 +265,7 @@ impl<T: Typed + Send + Sync + 'static> Informer<T> {
     }
 
     async fn list_and_watch(&self, api: &dyn Api) -> Result<(), ApiError> {
-        let (items, rev) = api.list(self.res).await?;
+        let (items, rev) = api.list_json(self.res).await?;
         self.replace(items);
         self.synced.send_replace(true);
         let mut events = api.watch(self.res, rev).await?;
@@ -298,7 +315,7 @@ mod tests {
             revision: revision_of(&v),
             decode: Box::new(move || {
                 decoded.fetch_add(1, Ordering::SeqCst);
-                Ok(v)
+                Ok(serde_json::to_vec(&v).unwrap())
             }),
         })
     }

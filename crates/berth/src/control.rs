@@ -7,8 +7,8 @@ use std::sync::Arc;
 use berth_api::Resource;
 use berth_apiserver::decode::DeleteOptions;
 use berth_apiserver::error::ApiError as ServerError;
-use berth_apiserver::objects::{ListRequest, Objects, Write, prefix, stamped};
-use berth_controllers::api::{Api, ApiError, Event, EventStream, Lazy, Part};
+use berth_apiserver::objects::{ListRequest, Objects, Write, prefix, stamped, stamped_json};
+use berth_controllers::api::{Api, ApiError, Event, EventStream, Lazy, Listed, Part};
 use berth_controllers::drivers::{Driver, Drivers};
 use berth_store::{StoreError, WatchEvent};
 use serde_json::Value;
@@ -58,6 +58,22 @@ impl Api for LocalApi {
         Ok((listed.items, listed.revision))
     }
 
+    async fn list_json(&self, res: &'static Resource) -> Result<(Vec<Listed>, u64), ApiError> {
+        let collection = prefix(res, None);
+        let (objects, revision) = self.objects.list_stored(res).await.map_err(convert)?;
+        let listed = objects
+            .into_iter()
+            .map(|o| {
+                Ok(Listed {
+                    key: o.key.strip_prefix(&collection).unwrap_or(&o.key).to_owned(),
+                    revision: o.mod_revision,
+                    json: stamped_json(&o.value, o.mod_revision).map_err(convert)?,
+                })
+            })
+            .collect::<Result<_, ApiError>>()?;
+        Ok((listed, revision))
+    }
+
     async fn watch(&self, res: &'static Resource, revision: u64) -> Result<EventStream, ApiError> {
         let collection = prefix(res, None);
         let mut w = self
@@ -78,7 +94,7 @@ impl Api for LocalApi {
                         Some(key) => Ok(Event::Changed(Lazy {
                             key: key.to_owned(),
                             revision: o.mod_revision,
-                            decode: Box::new(move || stamped(&o.value, o.mod_revision).map_err(convert)),
+                            decode: Box::new(move || stamped_json(&o.value, o.mod_revision).map_err(convert)),
                         })),
                         None => stamped(&o.value, o.mod_revision).map(Event::Modified).map_err(convert),
                     },
