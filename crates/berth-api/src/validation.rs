@@ -38,10 +38,57 @@ fn object_meta(res: &Resource, obj: &Value) -> Vec<FieldError> {
 
 /// Checks an update of the main resource: the new object's own rules plus immutable fields.
 pub fn validate_update(res: &Resource, new: &Value, old: &Value) -> Vec<FieldError> {
-    if let Err(errs) = decode_kind(res, new) {
+    validate_update_of(res, UpdatePart::Main, new, old, Decodes::Unknown)
+}
+
+/// Which part of an object an update writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpdatePart {
+    /// Metadata and spec: [`validate_update`].
+    Main,
+    /// The `status` subresource: [`validate_status_update`].
+    Status,
+    /// Both at once (an in-process controller's write): [`validate_update_all`].
+    Both,
+}
+
+/// Whether the new object is known to fit its type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decodes {
+    /// A request body: read through the typed form first.
+    Unknown,
+    /// The encoding of a typed object (an in-process controller's write), changed only by the
+    /// server's own defaulting and system fields: it fits by construction, so only the rules run.
+    Known,
+}
+
+/// The checks of an update of `part`; see [`Decodes`] for when the type check is skipped.
+pub fn validate_update_of(
+    res: &Resource,
+    part: UpdatePart,
+    new: &Value,
+    old: &Value,
+    decodes: Decodes,
+) -> Vec<FieldError> {
+    if decodes == Decodes::Unknown
+        && let Err(errs) = decode_kind(res, new)
+    {
         return errs;
     }
-    update_rules(res, new, old)
+    match part {
+        UpdatePart::Main => update_rules(res, new, old),
+        UpdatePart::Status => {
+            let mut errs = object_meta(res, new);
+            errs.extend(meta::validate_object_meta_update(new, old));
+            errs.extend(status_rules(res, new));
+            errs
+        }
+        UpdatePart::Both => {
+            let mut errs = update_rules(res, new, old);
+            errs.extend(status_rules(res, new));
+            errs
+        }
+    }
 }
 
 /// The rules of a status field, for an object that decodes.
@@ -66,24 +113,13 @@ fn update_rules(res: &Resource, new: &Value, old: &Value) -> Vec<FieldError> {
 /// [`validate_update`] and of [`validate_status_update`], with the object decoded and its
 /// metadata checked once.
 pub fn validate_update_all(res: &Resource, new: &Value, old: &Value) -> Vec<FieldError> {
-    if let Err(errs) = decode_kind(res, new) {
-        return errs;
-    }
-    let mut errs = update_rules(res, new, old);
-    errs.extend(status_rules(res, new));
-    errs
+    validate_update_of(res, UpdatePart::Both, new, old, Decodes::Unknown)
 }
 
 /// Checks an update through the `status` subresource: the metadata rules of an update, and the
 /// status fields' own rules. (The server keeps the old spec on status writes.)
 pub fn validate_status_update(res: &Resource, new: &Value, old: &Value) -> Vec<FieldError> {
-    if let Err(errs) = decode_kind(res, new) {
-        return errs;
-    }
-    let mut errs = object_meta(res, new);
-    errs.extend(meta::validate_object_meta_update(new, old));
-    errs.extend(status_rules(res, new));
-    errs
+    validate_update_of(res, UpdatePart::Status, new, old, Decodes::Unknown)
 }
 
 fn validate_kind(res: &Resource, obj: &Value) -> Vec<FieldError> {

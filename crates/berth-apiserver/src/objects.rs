@@ -12,6 +12,7 @@ use std::sync::Arc;
 use berth_api::admission::{self, Lookup, Operation};
 use berth_api::patch::PatchType;
 use berth_api::selector::{FieldSelector, LabelSelector};
+use berth_api::validation::Decodes;
 use berth_api::{Resource, defaults, validation};
 use berth_store::{ListOptions, Store, StoreError};
 use bytes::Bytes;
@@ -598,8 +599,19 @@ impl Objects {
         check_body_identity(res, ns, name, &new)?;
         let (old, old_rev) = self.read(res, ns, name).await?;
         let part = if status { Write::Status } else { Write::Main };
-        self.write_update(res, ns, name, old, old_rev, new, warnings, part, dry_run)
-            .await
+        self.write_update(
+            res,
+            ns,
+            name,
+            old,
+            old_rev,
+            new,
+            warnings,
+            part,
+            dry_run,
+            Decodes::Unknown,
+        )
+        .await
     }
 
     /// An in-process controller's update of spec and status in one write (validated as both
@@ -613,8 +625,19 @@ impl Objects {
     ) -> Result<Answer, ApiError> {
         check_body_identity(res, ns, name, &new)?;
         let (old, old_rev) = self.read(res, ns, name).await?;
-        self.write_update(res, ns, name, old, old_rev, new, Vec::new(), Write::Both, false)
-            .await
+        self.write_update(
+            res,
+            ns,
+            name,
+            old,
+            old_rev,
+            new,
+            Vec::new(),
+            Write::Both,
+            false,
+            Decodes::Unknown,
+        )
+        .await
     }
 
     /// An in-process controller's write of `new` over `old`, the copy it holds from its cache
@@ -622,6 +645,8 @@ impl Objects {
     /// is the typed round trip of a body, so a cached typed copy at a revision is that
     /// revision's object, and the store's compare-and-swap on the revision refuses a stale
     /// copy with a Conflict, as a fresh read would. Without a revision in `old` it reads.
+    /// `new` is a typed object's encoding, so it is not read through its type again
+    /// ([`Decodes::Known`]); every validation rule still runs.
     pub async fn update_over(
         &self,
         res: &Resource,
@@ -636,8 +661,19 @@ impl Objects {
             Some(rev) if meta_str(&old, "name") == Some(name) && meta_str(&old, "namespace") == ns => (old, rev),
             _ => self.read(res, ns, name).await?,
         };
-        self.write_update(res, ns, name, old, old_rev, new, Vec::new(), part, false)
-            .await
+        self.write_update(
+            res,
+            ns,
+            name,
+            old,
+            old_rev,
+            new,
+            Vec::new(),
+            part,
+            false,
+            Decodes::Known,
+        )
+        .await
     }
 
     /// The shared tail of PUT and PATCH.
@@ -653,6 +689,7 @@ impl Objects {
         warnings: Vec<String>,
         part: Write,
         dry_run: bool,
+        decodes: validation::Decodes,
     ) -> Result<Answer, ApiError> {
         let status = part == Write::Status;
         if let Some(rv) = meta_str(&new, "resourceVersion")
@@ -708,11 +745,12 @@ impl Objects {
             let g = meta(&old)["generation"].as_i64().unwrap_or(0);
             set_meta(&mut new, "generation", json!(g + 1));
         }
-        let errors = match part {
-            Write::Status => validation::validate_status_update(res, &new, &old),
-            Write::Main => validation::validate_update(res, &new, &old),
-            Write::Both => validation::validate_update_all(res, &new, &old),
+        let written = match part {
+            Write::Status => validation::UpdatePart::Status,
+            Write::Main => validation::UpdatePart::Main,
+            Write::Both => validation::UpdatePart::Both,
         };
+        let errors = validation::validate_update_of(res, written, &new, &old, decodes);
         invalid(res, name, errors)?;
         let op = if status {
             Operation::UpdateStatus
@@ -808,6 +846,7 @@ impl Objects {
                     decoded.warnings,
                     if status { Write::Status } else { Write::Main },
                     dry_run,
+                    Decodes::Unknown,
                 )
                 .await
             {

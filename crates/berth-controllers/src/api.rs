@@ -120,6 +120,8 @@ pub trait Api: Send + Sync + fmt::Debug + 'static {
     /// As [`Api::update`], for a controller that holds the object as it was (`old`, from its
     /// cache, at the revision `obj` names): an API in this process may take it instead of
     /// reading the object again. A stale `old` fails as a stale `obj` does, with a Conflict.
+    /// Both are typed objects' encodings ([`Typed::to_value`]), which such an API need not read
+    /// through their type again.
     async fn update_over(&self, res: &'static Resource, old: Value, obj: Value, part: Part) -> Result<Value, ApiError> {
         let _ = old;
         self.update(res, obj, part).await
