@@ -210,8 +210,7 @@ impl ApiServer {
                         table: as_table.then_some(q.include_object),
                     },
                 )?;
-                let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-                let body = Body::from_stream(tokio_stream::StreamExt::map(stream, Ok::<_, std::convert::Infallible>));
+                let body = Body::from_stream(watch::body_chunks(rx));
                 let mut resp = (StatusCode::OK, body).into_response();
                 resp.headers_mut()
                     .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));

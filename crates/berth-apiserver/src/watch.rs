@@ -235,6 +235,26 @@ pub fn start(objects: &Objects, req: WatchRequest) -> Result<mpsc::Receiver<Byte
     Ok(rx)
 }
 
+/// Lines joined into one body chunk at most (a chunk is one TLS record and one write).
+const CHUNK: usize = 64 * 1024;
+
+/// The body of a watch: each chunk is every line ready at that moment (up to [`CHUNK`] bytes),
+/// so that a burst of events costs one write and one TLS record, not one per event.
+pub fn body_chunks(rx: mpsc::Receiver<Bytes>) -> impl futures::Stream<Item = Result<Bytes, std::convert::Infallible>> {
+    futures::stream::unfold(rx, |mut rx| async move {
+        let first = rx.recv().await?;
+        let mut chunk: Option<bytes::BytesMut> = None;
+        while chunk.as_ref().map_or(first.len(), bytes::BytesMut::len) < CHUNK {
+            let Ok(next) = rx.try_recv() else { break };
+            chunk
+                .get_or_insert_with(|| bytes::BytesMut::from(&first[..]))
+                .extend_from_slice(&next);
+        }
+        let out = chunk.map_or(first, bytes::BytesMut::freeze);
+        Some((Ok(out), rx))
+    })
+}
+
 /// The event a selector-filtered watch sends for a change of `key`, given whether the object
 /// matches now and the keys it has sent as matching; `None` to send nothing. A watch that
 /// started at a revision does not know what matched before it: a matching object is then
@@ -272,6 +292,22 @@ fn transition(
 
 #[cfg(test)]
 mod tests {
+    /// Lines ready together leave as one chunk, in order; a lone line leaves as it is.
+    #[tokio::test]
+    async fn ready_lines_share_a_chunk() {
+        use futures::StreamExt as _;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let mut body = std::pin::pin!(super::body_chunks(rx));
+        for line in ["a\n", "b\n", "c\n"] {
+            tx.send(bytes::Bytes::from(line)).await.unwrap();
+        }
+        assert_eq!(body.next().await.unwrap().unwrap(), "a\nb\nc\n");
+        tx.send(bytes::Bytes::from("d\n")).await.unwrap();
+        assert_eq!(body.next().await.unwrap().unwrap(), "d\n");
+        drop(tx);
+        assert!(body.next().await.is_none());
+    }
+
     use super::*;
 
     #[test]
