@@ -104,7 +104,13 @@ pub fn stamped_json(value: &[u8], revision: u64) -> Result<Vec<u8>, ApiError> {
         return slow();
     }
     // The raw metadata borrows from `value`: its offset there is where the object opens.
-    let open = meta.as_ptr() as usize - value.as_ptr() as usize + 1;
+    let Some(at) = (meta.as_ptr() as usize).checked_sub(value.as_ptr() as usize) else {
+        return slow();
+    };
+    if value.get(at) != Some(&b'{') {
+        return slow();
+    }
+    let open = at + 1;
     let empty = meta[1..].trim_start().starts_with('}');
     let mut out = Vec::with_capacity(value.len() + 40);
     out.extend_from_slice(&value[..open]);

@@ -344,6 +344,37 @@ mod tests {
         assert_eq!(phase(&inf, "b").as_deref(), Some("Pending"));
     }
 
+    /// A list's JSON items are decoded into the cache; keys the list no longer has are deleted,
+    /// and an item that does not decode is skipped, not cached.
+    #[test]
+    fn a_list_replaces_the_cache() {
+        let inf = Informer::<PersistentVolume>::new(kinds::pvs());
+        let deleted = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let d = deleted.clone();
+        inf.on_change(move |c| {
+            if let Change::Delete(pv) = c {
+                d.lock().unwrap().push(pv.metadata.name.clone().unwrap_or_default());
+            }
+        });
+        let item = |name: &str, rev: u64, phase: &str| Listed {
+            key: name.into(),
+            revision: rev,
+            json: serde_json::to_vec(&pv(name, rev, phase)).unwrap(),
+        };
+        inf.replace(vec![item("a", 5, "Available"), item("b", 6, "Bound")]);
+        assert_eq!(phase(&inf, "a").as_deref(), Some("Available"));
+        assert_eq!(phase(&inf, "b").as_deref(), Some("Bound"));
+        let bad = Listed {
+            key: "c".into(),
+            revision: 8,
+            json: br#"{"spec":{"capacity":7}}"#.to_vec(),
+        };
+        inf.replace(vec![item("a", 7, "Released"), bad]);
+        assert_eq!(phase(&inf, "a").as_deref(), Some("Released"));
+        assert!(inf.get("b").is_none() && inf.get("c").is_none());
+        assert_eq!(*deleted.lock().unwrap(), vec!["b".to_owned()]);
+    }
+
     #[test]
     fn an_event_that_does_not_decode_is_skipped() {
         let inf = Informer::<PersistentVolume>::new(kinds::pvs());
