@@ -602,9 +602,24 @@ impl Objects {
         status: bool,
         dry_run: bool,
     ) -> Result<Answer, ApiError> {
+        let part = if status { Write::Status } else { Write::Main };
+        self.read_and_update(res, ns, name, new, warnings, part, dry_run).await
+    }
+
+    /// Reads the stored object and writes `new` (a body, checked in full) over it.
+    #[allow(clippy::too_many_arguments)] // one write: where, what, how
+    async fn read_and_update(
+        &self,
+        res: &Resource,
+        ns: Option<&str>,
+        name: &str,
+        new: Value,
+        warnings: Vec<String>,
+        part: Write,
+        dry_run: bool,
+    ) -> Result<Answer, ApiError> {
         check_body_identity(res, ns, name, &new)?;
         let (old, old_rev) = self.read(res, ns, name).await?;
-        let part = if status { Write::Status } else { Write::Main };
         self.write_update(
             res,
             ns,
@@ -629,21 +644,8 @@ impl Objects {
         name: &str,
         new: Value,
     ) -> Result<Answer, ApiError> {
-        check_body_identity(res, ns, name, &new)?;
-        let (old, old_rev) = self.read(res, ns, name).await?;
-        self.write_update(
-            res,
-            ns,
-            name,
-            old,
-            old_rev,
-            new,
-            Vec::new(),
-            Write::Both,
-            false,
-            Decodes::Unknown,
-        )
-        .await
+        self.read_and_update(res, ns, name, new, Vec::new(), Write::Both, false)
+            .await
     }
 
     /// An in-process controller's write of `new` over `old`, the copy it holds from its cache
