@@ -18,9 +18,11 @@ say() { echo "ci-install: $*"; }
 # --- Debian packages -------------------------------------------------------------------------
 # util-linux: mount, umount, losetup; kmod: modprobe; python3: the junit summary; shellcheck:
 # lints the scripts; procps: ps/kill; ca-certificates: HTTPS to the package registries.
-# etcd-server: the store's etcd backend tests; protobuf-compiler: protoc for etcd-client's build.
+# etcd-server: the store's etcd backend tests; protobuf-compiler: protoc for etcd-client's build,
+# and libprotobuf-dev for the well-known .proto files it imports (only a recommendation of
+# protobuf-compiler, which --no-install-recommends leaves out).
 # curl: the API server e2e checks 401 without kubectl.
-packages=(btrfs-progs xfsprogs e2fsprogs util-linux mount fio busybox-static kmod python3 shellcheck procps ca-certificates etcd-server protobuf-compiler curl)
+packages=(btrfs-progs xfsprogs e2fsprogs util-linux mount fio busybox-static kmod python3 shellcheck procps ca-certificates etcd-server protobuf-compiler libprotobuf-dev curl)
 
 missing=()
 for pkg in "${packages[@]}"; do
@@ -40,6 +42,7 @@ fi
 for tool in mkfs.btrfs btrfs mkfs.xfs mkfs.ext4 losetup mount umount fio busybox python3 shellcheck etcd protoc; do
     command -v "$tool" >/dev/null || die "$tool not on PATH after installing packages"
 done
+[[ -f /usr/include/google/protobuf/descriptor.proto ]] || die "google/protobuf/descriptor.proto missing after installing libprotobuf-dev"
 
 # --- kubectl from Debian's kubernetes-client (the API server's e2e client) --------------------
 # It conflicts with the `kubectl` package some images carry (/usr/bin/kubectl), so it is never
