@@ -258,17 +258,47 @@ async fn watch_bound(
         let Some(frame) = frame else { bail!("the watch ended") };
         let Ok(chunk) = frame?.into_data() else { continue };
         buf.extend_from_slice(&chunk);
-        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=pos).collect();
-            let v: serde_json::Value = serde_json::from_slice(&line)?;
-            if v["object"]["status"]["phase"] == "Bound"
-                && let Some(name) = v["object"]["metadata"]["name"].as_str()
-            {
-                bound.entry(name.to_owned()).or_insert_with(Instant::now);
+        // Every whole line in the buffer, then one drain: the client reads only the two
+        // fields it needs, so that its own share of the machine stays small.
+        let mut at = 0;
+        while let Some(len) = buf[at..].iter().position(|b| *b == b'\n') {
+            let event: ClaimEvent<'_> = serde_json::from_slice(&buf[at..at + len])?;
+            if event.object.status.phase == Some("Bound") {
+                bound
+                    .entry(event.object.metadata.name.to_owned())
+                    .or_insert_with(Instant::now);
             }
+            at += len + 1;
         }
+        buf.drain(..at);
     }
     Ok(bound)
+}
+
+/// The part of a claim's watch event that the bench reads; everything else is skipped unparsed.
+#[derive(serde::Deserialize)]
+struct ClaimEvent<'a> {
+    #[serde(borrow)]
+    object: ClaimFields<'a>,
+}
+
+#[derive(serde::Deserialize)]
+struct ClaimFields<'a> {
+    #[serde(borrow)]
+    metadata: NameOnly<'a>,
+    #[serde(borrow, default)]
+    status: PhaseOnly<'a>,
+}
+
+#[derive(serde::Deserialize)]
+struct NameOnly<'a> {
+    name: &'a str,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct PhaseOnly<'a> {
+    #[serde(borrow)]
+    phase: Option<&'a str>,
 }
 
 /// `--dynamic N`: claims provisioned by Berth's own driver while the all-in-one server runs.
