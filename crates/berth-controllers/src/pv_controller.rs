@@ -215,10 +215,12 @@ impl PvController {
         ));
         // Volumes first: after a start, volumes created while no controller ran are still
         // Pending; once they are Available, a claim binds in its first sync instead of going
-        // Pending (a write and an event) and waiting to be woken.
+        // Pending (a write and an event) and waiting to be woken. The claims start once every
+        // volume has been taken up by a worker: the last few volume writes overlap the first
+        // claims instead of leaving the cores idle while they finish.
         let settle = std::time::Instant::now() + STARTUP_SETTLE;
-        while !self.volumes.is_idle() && std::time::Instant::now() < settle {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        while !self.volumes.is_empty() && std::time::Instant::now() < settle {
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
         tracing::info!(after = ?began.elapsed(), "pv controller: volumes synced; syncing claims");
         let c = self.clone();
