@@ -2,8 +2,11 @@
 //!
 //! One redb database per data dir, with a write-ahead log beside it ([`berth_wal`]). Every
 //! mutation is durable before its caller answers its client: it is written to the log in one
-//! synchronous write, and redb commits it without an fsync; redb commits durably every so often
-//! (a checkpoint), and at open the log's frames after the last checkpoint are applied again.
+//! synchronous write, and that write is the commit. redb is read only at open, so the logged
+//! changes are kept in memory and applied to redb in one durable transaction every so often
+//! (a checkpoint: every `CHECKPOINT_EVERY` frames, when the log is full, and at a clean close);
+//! at open the log's frames after the last checkpoint are applied. A mutation's latency is
+//! thus one log write, with no redb transaction on its path.
 //! Mutations that arrive while a commit is under way are committed together in the next
 //! transaction (group commit): the first caller to find no commit running commits everything
 //! queued, and each caller returns once its own change is on disk. redb holds an exclusive lock
@@ -55,11 +58,6 @@ pub enum JournalError {
     },
     #[error("journal log {path}: frame {seq} does not decode: {reason}")]
     Corrupt { path: PathBuf, seq: u64, reason: String },
-    #[error(
-        "journal {path}: a change was logged but could not be applied; no more changes are \
-         accepted until Berth restarts and replays the log"
-    )]
-    Halted { path: PathBuf },
     #[error("journal record {key}: {source}")]
     Decode {
         key: String,
@@ -187,7 +185,15 @@ pub struct Journal {
     db: redb::Database,
     path: PathBuf,
     group: Group,
-    log: Mutex<Wal>,
+    log: Mutex<Logged>,
+}
+
+/// The log, and the payloads of its frames since the last checkpoint, which redb does not
+/// hold yet.
+#[derive(Debug)]
+struct Logged {
+    wal: Wal,
+    unapplied: Vec<Vec<u8>>,
 }
 
 /// One record written or removed; a mutation is a list of these, applied atomically.
@@ -390,6 +396,15 @@ struct GroupState {
     done: HashMap<u64, Result<(), JournalError>>,
 }
 
+impl Drop for Journal {
+    /// A clean close leaves redb holding everything, so the next open has nothing to replay.
+    fn drop(&mut self) {
+        if let Err(e) = self.checkpoint(std::iter::empty()) {
+            tracing::warn!(error = %e, "journal: the closing checkpoint failed; the next open replays the log");
+        }
+    }
+}
+
 /// Held by the caller that commits; if the commit panics, its drop hands the turn on so that
 /// the callers waiting do not wait forever.
 struct Leader<'a> {
@@ -468,12 +483,17 @@ impl Journal {
             db,
             path: path.to_owned(),
             group: Group::default(),
-            log: Mutex::new(wal),
+            log: Mutex::new(Logged {
+                wal,
+                unapplied: Vec::new(),
+            }),
         })
     }
 
     /// Reads every record.
     pub fn load(&self) -> Result<Records, JournalError> {
+        // redb holds what was logged since the last checkpoint only after the next one.
+        self.checkpoint(std::iter::empty())?;
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let mut records = Records::default();
         let volumes = txn.open_table(VOLUMES).map_err(|e| self.err(e))?;
@@ -669,49 +689,63 @@ impl Journal {
         }
     }
 
-    /// Makes `changes` durable in one redb transaction: through the log, or, when the log is
-    /// due for a checkpoint or the changes would not fit in it, by a durable redb commit that
-    /// is the checkpoint.
+    /// Makes `changes` durable: as one log frame, or, when the log is due for a checkpoint or
+    /// the changes would not fit in it, in the checkpoint's durable redb commit.
     fn write<'a>(&self, changes: impl IntoIterator<Item = &'a Change> + Clone) -> Result<(), JournalError> {
         let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
-        if log.halted() {
-            return Err(JournalError::Halted {
-                path: self.path.clone(),
-            });
-        }
-        let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
-        if let Err(e) = apply(&txn, changes.clone()) {
-            let _ = txn.abort();
-            return Err(self.err(e));
-        }
-        let payload = encode_changes(changes);
-        if log.checkpoint_due(payload.len()) {
-            let last = log.last_seq();
-            let durable = || -> Result<(), redb::Error> {
-                txn.open_table(META)?.insert(CHECKPOINT, last)?;
-                txn.commit()?;
-                Ok(())
-            };
-            durable().map_err(|e| self.err(e))?;
-            log.checkpointed();
+        let payload = encode_changes(changes.clone());
+        if log.wal.checkpoint_due(payload.len()) {
+            self.checkpoint_locked(&mut log, changes)?;
         } else {
-            txn.set_durability(redb::Durability::None)
-                .map_err(|e| self.err(redb::Error::from(e)))?;
-            if let Err(source) = log.append(&payload) {
-                let _ = txn.abort();
-                return Err(JournalError::Log {
-                    path: self.path.with_extension("wal"),
-                    source,
-                });
-            }
+            log.wal.append(&payload).map_err(|source| JournalError::Log {
+                path: self.path.with_extension("wal"),
+                source,
+            })?;
             crate::crash::point("journal.after_log");
-            if let Err(e) = txn.commit() {
-                log.halt();
-                tracing::error!(error = %e, "journal: a logged change could not be applied; refusing more changes until a restart replays the log");
-                return Err(self.err(e));
-            }
+            log.unapplied.push(payload);
         }
         self.group.commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// One durable redb commit of every frame logged since the last checkpoint, then `more`,
+    /// which records the log's last frame as applied; the log then starts over.
+    fn checkpoint<'a>(&self, more: impl IntoIterator<Item = &'a Change>) -> Result<(), JournalError> {
+        let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
+        if log.unapplied.is_empty() {
+            return Ok(());
+        }
+        self.checkpoint_locked(&mut log, more)
+    }
+
+    fn checkpoint_locked<'a>(
+        &self,
+        log: &mut Logged,
+        more: impl IntoIterator<Item = &'a Change>,
+    ) -> Result<(), JournalError> {
+        let mut logged = Vec::new();
+        for payload in &log.unapplied {
+            // Encoded here a moment ago: a payload that does not decode is a bug, not the disk.
+            logged.extend(decode_changes(payload).map_err(|reason| JournalError::Corrupt {
+                path: self.path.with_extension("wal"),
+                seq: log.wal.last_seq(),
+                reason,
+            })?);
+        }
+        let last = log.wal.last_seq();
+        let durable = || -> Result<(), redb::Error> {
+            let txn = self.db.begin_write()?;
+            apply(&txn, logged.iter())?;
+            apply(&txn, more)?;
+            txn.open_table(META)?.insert(CHECKPOINT, last)?;
+            txn.commit()?;
+            Ok(())
+        };
+        // On failure nothing is lost: the frames stay in the log (replayed at the next open)
+        // and in `unapplied` (tried again at the next checkpoint).
+        durable().map_err(|e| self.err(e))?;
+        log.unapplied.clear();
+        log.wal.checkpointed();
         Ok(())
     }
 
@@ -927,7 +961,7 @@ mod tests {
             }
             assert_eq!(j.commits(), ids.len() as u64);
             assert!(
-                j.log.lock().unwrap().last_seq() < ids.len() as u64,
+                j.log.lock().unwrap().wal.last_seq() < ids.len() as u64,
                 "one commit was a checkpoint"
             );
         }
@@ -941,7 +975,7 @@ mod tests {
     fn a_full_log_or_an_oversized_batch_is_a_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("journal.redb");
-        let seq = |j: &Journal| j.log.lock().unwrap().last_seq() + 1;
+        let seq = |j: &Journal| j.log.lock().unwrap().wal.last_seq() + 1;
         let big = |n: usize| vec![Change::Put(Table::Volumes, format!("v{n}"), vec![n as u8; 3 << 20])];
         {
             let j = Journal::open(&path).unwrap();
@@ -983,6 +1017,26 @@ mod tests {
         log.write_all_at(&berth_wal::encode_frame(1, &[42, 0]), 0).unwrap();
         let err = Journal::open(&path).unwrap_err();
         assert!(matches!(err, JournalError::Corrupt { seq: 1, .. }), "{err}");
+    }
+
+    /// A logged change reaches redb at the next checkpoint, not on its caller's path; a load
+    /// checkpoints first, so it sees every change.
+    #[test]
+    fn logged_changes_reach_redb_at_the_next_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("journal.redb")).unwrap();
+        let id = VolumeId::generate().unwrap();
+        j.put_stage(&stage(&id, "/s")).unwrap();
+        let in_redb = |j: &Journal| {
+            let txn = j.db.begin_read().unwrap();
+            txn.open_table(STAGES).unwrap().get(id.as_str()).unwrap().is_some()
+        };
+        assert!(!in_redb(&j), "only in the log so far");
+        assert_eq!(j.log.lock().unwrap().unapplied.len(), 1);
+        let r = j.load().unwrap();
+        assert!(r.stages.contains_key(&id));
+        assert!(in_redb(&j), "the load checkpointed");
+        assert!(j.log.lock().unwrap().unapplied.is_empty());
     }
 
     #[test]
