@@ -188,12 +188,12 @@ pub struct Journal {
     log: Mutex<Logged>,
 }
 
-/// The log, and the payloads of its frames since the last checkpoint, which redb does not
-/// hold yet.
+/// The log, and its frames since the last checkpoint (sequence number and payload), which
+/// redb does not hold yet.
 #[derive(Debug)]
 struct Logged {
     wal: Wal,
-    unapplied: Vec<Vec<u8>>,
+    unapplied: Vec<(u64, Vec<u8>)>,
 }
 
 /// One record written or removed; a mutation is a list of these, applied atomically.
@@ -459,34 +459,21 @@ impl Journal {
             path: log_path.clone(),
             source,
         })?;
-        let last = wal.last_seq();
-        if !frames.is_empty() {
-            let mut replayed = Vec::new();
-            for f in &frames {
-                replayed.extend(decode_changes(&f.payload).map_err(|reason| JournalError::Corrupt {
-                    path: log_path.clone(),
-                    seq: f.seq,
-                    reason,
-                })?);
-            }
-            let replay = || -> Result<(), redb::Error> {
-                let txn = db.begin_write()?;
-                apply(&txn, replayed.iter())?;
-                txn.open_table(META)?.insert(CHECKPOINT, last)?;
-                txn.commit()?;
-                Ok(())
-            };
-            replay().map_err(|e| db_err(path, e))?;
-            tracing::info!(frames = frames.len(), last, "journal log replayed");
+        // The frames after the checkpoint are what a checkpoint at open applies.
+        let replayed = frames.len();
+        let mut log = Logged {
+            wal,
+            unapplied: frames.into_iter().map(|f| (f.seq, f.payload)).collect(),
+        };
+        if replayed > 0 {
+            apply_checkpoint(&db, path, &mut log, std::iter::empty())?;
+            tracing::info!(frames = replayed, last = log.wal.last_seq(), "journal log replayed");
         }
         Ok(Journal {
             db,
             path: path.to_owned(),
             group: Group::default(),
-            log: Mutex::new(Logged {
-                wal,
-                unapplied: Vec::new(),
-            }),
+            log: Mutex::new(log),
         })
     }
 
@@ -695,63 +682,64 @@ impl Journal {
         let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
         let payload = encode_changes(changes.clone());
         if log.wal.checkpoint_due(payload.len()) {
-            self.checkpoint_locked(&mut log, changes)?;
+            apply_checkpoint(&self.db, &self.path, &mut log, changes)?;
         } else {
-            log.wal.append(&payload).map_err(|source| JournalError::Log {
+            let seq = log.wal.append(&payload).map_err(|source| JournalError::Log {
                 path: self.path.with_extension("wal"),
                 source,
             })?;
             crate::crash::point("journal.after_log");
-            log.unapplied.push(payload);
+            log.unapplied.push((seq, payload));
         }
         self.group.commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
-    /// One durable redb commit of every frame logged since the last checkpoint, then `more`,
-    /// which records the log's last frame as applied; the log then starts over.
+    /// A checkpoint, if anything was logged since the last one.
     fn checkpoint<'a>(&self, more: impl IntoIterator<Item = &'a Change>) -> Result<(), JournalError> {
         let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
         if log.unapplied.is_empty() {
             return Ok(());
         }
-        self.checkpoint_locked(&mut log, more)
-    }
-
-    fn checkpoint_locked<'a>(
-        &self,
-        log: &mut Logged,
-        more: impl IntoIterator<Item = &'a Change>,
-    ) -> Result<(), JournalError> {
-        let mut logged = Vec::new();
-        for payload in &log.unapplied {
-            // Encoded here a moment ago: a payload that does not decode is a bug, not the disk.
-            logged.extend(decode_changes(payload).map_err(|reason| JournalError::Corrupt {
-                path: self.path.with_extension("wal"),
-                seq: log.wal.last_seq(),
-                reason,
-            })?);
-        }
-        let last = log.wal.last_seq();
-        let durable = || -> Result<(), redb::Error> {
-            let txn = self.db.begin_write()?;
-            apply(&txn, logged.iter())?;
-            apply(&txn, more)?;
-            txn.open_table(META)?.insert(CHECKPOINT, last)?;
-            txn.commit()?;
-            Ok(())
-        };
-        // On failure nothing is lost: the frames stay in the log (replayed at the next open)
-        // and in `unapplied` (tried again at the next checkpoint).
-        durable().map_err(|e| self.err(e))?;
-        log.unapplied.clear();
-        log.wal.checkpointed();
-        Ok(())
+        apply_checkpoint(&self.db, &self.path, &mut log, more)
     }
 
     fn err(&self, e: impl Into<redb::Error>) -> JournalError {
         db_err(&self.path, e)
     }
+}
+
+/// One durable redb commit of every frame logged since the last checkpoint, then `more`, which
+/// records the log's last frame as applied; the log then starts over. On failure nothing is
+/// lost: the frames stay in the log (replayed at the next open) and in `unapplied` (tried
+/// again at the next checkpoint).
+fn apply_checkpoint<'a>(
+    db: &redb::Database,
+    path: &Path,
+    log: &mut Logged,
+    more: impl IntoIterator<Item = &'a Change>,
+) -> Result<(), JournalError> {
+    let mut logged = Vec::new();
+    for (seq, payload) in &log.unapplied {
+        logged.extend(decode_changes(payload).map_err(|reason| JournalError::Corrupt {
+            path: path.with_extension("wal"),
+            seq: *seq,
+            reason,
+        })?);
+    }
+    let last = log.wal.last_seq();
+    let durable = || -> Result<(), redb::Error> {
+        let txn = db.begin_write()?;
+        apply(&txn, logged.iter())?;
+        apply(&txn, more)?;
+        txn.open_table(META)?.insert(CHECKPOINT, last)?;
+        txn.commit()?;
+        Ok(())
+    };
+    durable().map_err(|e| db_err(path, e))?;
+    log.unapplied.clear();
+    log.wal.checkpointed();
+    Ok(())
 }
 
 fn db_err(path: &Path, e: impl Into<redb::Error>) -> JournalError {
