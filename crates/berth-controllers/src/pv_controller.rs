@@ -204,6 +204,7 @@ impl PvController {
             claims = self.inf.pvcs.len(),
             "pv controller: caches synced; syncing volumes first"
         );
+        self.clone().bind_prebound_first(workers, &stop).await;
         let c = self.clone();
         let volumes = tokio::spawn(self.volumes.clone().run(
             workers,
@@ -255,6 +256,63 @@ impl PvController {
             }
         });
         let _ = tokio::join!(claims, volumes, resync);
+    }
+
+    /// The first stage after a start: the unbound claims that are pre-bound (the claim names its
+    /// volume, or a volume's claimRef names the claim) bind before the volumes' first sync,
+    /// because binding them needs no Available volume (phase is not checked for a pre-bound
+    /// pair). Their volumes then go from Pending to Bound in the bind's own write, instead of a
+    /// first write to Available and a second to Bound; Kubernetes' claim and volume workers run
+    /// side by side, so either order is one it can take. The keys stay in the claims queue too;
+    /// their later sync finds them bound and writes nothing.
+    async fn bind_prebound_first(self: Arc<Self>, workers: usize, stop: &watch::Receiver<bool>) {
+        let began = std::time::Instant::now();
+        let keys: Vec<String> = {
+            let index = self.index();
+            self.inf
+                .pvcs
+                .list()
+                .iter()
+                .filter(|c| {
+                    let unbound = c
+                        .metadata
+                        .annotations
+                        .as_ref()
+                        .is_none_or(|a| !a.contains_key(pv_sync::ANN_BIND_COMPLETED));
+                    unbound
+                        && c.metadata.deletion_timestamp.is_none()
+                        && (!claim_volume_name(c).is_empty() || !index.claimed_by(&claim_key(c)).is_empty())
+                })
+                .map(|c| claim_key(c))
+                .collect()
+        };
+        if keys.is_empty() {
+            return;
+        }
+        let count = keys.len();
+        let early = Queue::new("claims");
+        for k in keys {
+            early.add(k);
+        }
+        let (quit, quit_rx) = watch::channel(false);
+        let mut stop = stop.clone();
+        let c = self.clone();
+        let running = tokio::spawn(early.clone().run(
+            workers,
+            move |key| {
+                let c = c.clone();
+                async move { c.sync_claim(&key).await }
+            },
+            quit_rx,
+        ));
+        // Until every key is done; a key that must be retried is left to the claims queue.
+        let settle = std::time::Instant::now() + STARTUP_SETTLE;
+        while !early.is_idle() && std::time::Instant::now() < settle && !*stop.borrow_and_update() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let _ = quit.send(true);
+        let _ = running.await;
+        tracing::info!(after = ?began.elapsed(), claims = count, "pv controller: pre-bound claims synced first");
     }
 
     async fn sync_claim(&self, key: &str) -> Outcome {

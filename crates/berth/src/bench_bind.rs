@@ -4,8 +4,8 @@
 //!    `--pairs` PVs and as many claims (1Gi, RWO, class `bench`; with `--prebound` each PV names
 //!    its claim and each claim its PV, as Kubernetes' own benchmark does; otherwise the binder
 //!    matches them), then kills it.
-//! 2. Starts it again with the controllers and watches the claims until every one is Bound.
-//!    Time-to-bound is measured from that start, so it includes the server's start and the
+//! 2. Starts it again with the controllers and watches the claims, from the revision the fill
+//!    ended at, until every one is Bound. Time-to-bound is measured from that start, so it includes the server's start and the
 //!    informers' first list.
 //! 3. Checks the result through the API: every volume Bound, to distinct claims, and each
 //!    claim's `volumeName` naming a volume whose claimRef names it back.
@@ -92,7 +92,7 @@ pub fn run(args: BindArgs) -> Result<()> {
     println!("{pairs} PV/PVC pairs, {mode}");
     runtime.block_on(async {
         // 1. Fill without controllers.
-        {
+        let filled_at = {
             let server = start_server_with(&data, &["--api-only", "--no-controllers"])?;
             let t = target(&data).await?;
             let (pv_time, _) = if args.prebound {
@@ -141,6 +141,13 @@ pub fn run(args: BindArgs) -> Result<()> {
                 )
                 .await?
             };
+            // The controllers' watch starts after the fill: no initial event per claim to send and
+            // parse while the server binds, and no Bound event can come before this revision.
+            let (code, list) = conn_get(&t, "/api/v1/persistentvolumeclaims?limit=1").await?;
+            let filled_at = list["metadata"]["resourceVersion"].as_str().unwrap_or("").to_owned();
+            if code != 200 || filled_at.is_empty() {
+                bail!("reading the revision after the fill: HTTP {code}");
+            }
             println!(
                 "filled in {:.1} s (PVs {:.1} s, claims {:.1} s), controllers off",
                 (pv_time + pvc_time).as_secs_f64(),
@@ -148,7 +155,8 @@ pub fn run(args: BindArgs) -> Result<()> {
                 pvc_time.as_secs_f64()
             );
             server.stop()?;
-        }
+            filled_at
+        };
         // The next start writes a kubeconfig with its own port.
         let _ = std::fs::remove_file(data.join("admin.kubeconfig"));
 
@@ -159,7 +167,7 @@ pub fn run(args: BindArgs) -> Result<()> {
         let t = target(&data).await?;
         let up = started.elapsed();
         let left = Duration::from_secs(args.timeout).saturating_sub(started.elapsed());
-        let bound: HashMap<String, Duration> = watch_bound(&t, "", pairs, left)
+        let bound: HashMap<String, Duration> = watch_bound(&t, &filled_at, pairs, left)
             .await?
             .into_iter()
             .map(|(name, at)| (name, at.saturating_duration_since(started)))
