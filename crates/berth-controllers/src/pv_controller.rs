@@ -29,8 +29,33 @@ use crate::queue::{Outcome, Queue};
 /// after its claims, a provisioner that appeared).
 pub const RESYNC: Duration = Duration::from_secs(15);
 
-/// At most this long after a start, claims wait for the volumes' first sync.
+/// After a start, each stage (pre-bound claims, then the volumes' first sync) holds the next
+/// one back until it is done, or until its queue has not shrunk for this long: a stage that
+/// makes no progress does not hold up the rest. A large stage that keeps progressing is waited
+/// for, however long it takes.
 const STARTUP_SETTLE: Duration = Duration::from_secs(10);
+
+/// Waits until `done` holds, `stop` is set, or `queue` has not shrunk for [`STARTUP_SETTLE`].
+async fn settle(queue: &Queue, done: impl Fn() -> bool, stop: &watch::Receiver<bool>) {
+    let mut left = queue.len();
+    let mut deadline = std::time::Instant::now() + STARTUP_SETTLE;
+    while !done() && !*stop.borrow() {
+        let now = std::time::Instant::now();
+        let len = queue.len();
+        if len < left {
+            left = len;
+            deadline = now + STARTUP_SETTLE;
+        } else if now >= deadline {
+            tracing::warn!(
+                queue = queue.name(),
+                waiting = len,
+                "pv controller: a start-up stage stalled; going on"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
 
 /// The runner.
 #[derive(Debug)]
@@ -219,10 +244,7 @@ impl PvController {
         // Pending (a write and an event) and waiting to be woken. The claims start once every
         // volume has been taken up by a worker: the last few volume writes overlap the first
         // claims instead of leaving the cores idle while they finish.
-        let settle = std::time::Instant::now() + STARTUP_SETTLE;
-        while !self.volumes.is_empty() && std::time::Instant::now() < settle {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        settle(&self.volumes, || self.volumes.is_empty(), &stop).await;
         tracing::info!(after = ?began.elapsed(), "pv controller: volumes synced; syncing claims");
         let c = self.clone();
         let claims = tokio::spawn(self.claims.clone().run(
@@ -295,7 +317,6 @@ impl PvController {
             early.add(k);
         }
         let (quit, quit_rx) = watch::channel(false);
-        let mut stop = stop.clone();
         let c = self.clone();
         let running = tokio::spawn(early.clone().run(
             workers,
@@ -306,10 +327,7 @@ impl PvController {
             quit_rx,
         ));
         // Until every key is done; a key that must be retried is left to the claims queue.
-        let settle = std::time::Instant::now() + STARTUP_SETTLE;
-        while !early.is_idle() && std::time::Instant::now() < settle && !*stop.borrow_and_update() {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        settle(&early, || early.is_idle(), stop).await;
         let _ = quit.send(true);
         let _ = running.await;
         tracing::info!(after = ?began.elapsed(), claims = count, "pv controller: pre-bound claims synced first");

@@ -112,6 +112,11 @@ impl Queue {
         s.queue.is_empty() && s.processing.is_empty()
     }
 
+    /// The queue's name, for logs.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
     /// The number of keys waiting.
     pub fn len(&self) -> usize {
         self.state().queue.len()
