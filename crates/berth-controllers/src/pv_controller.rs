@@ -296,12 +296,7 @@ impl PvController {
                 .list()
                 .iter()
                 .filter(|c| {
-                    let unbound = c
-                        .metadata
-                        .annotations
-                        .as_ref()
-                        .is_none_or(|a| !a.contains_key(pv_sync::ANN_BIND_COMPLETED));
-                    unbound
+                    !pv_sync::bind_completed(c)
                         && c.metadata.deletion_timestamp.is_none()
                         && (!claim_volume_name(c).is_empty() || !index.claimed_by(&claim_key(c)).is_empty())
                 })

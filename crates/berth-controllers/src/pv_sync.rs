@@ -91,6 +91,12 @@ fn has_annotation(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectM
     annotation(meta, key).is_some()
 }
 
+/// Whether the PV controller has finished binding the claim (`pv.kubernetes.io/bind-completed`,
+/// whatever its value).
+pub fn bind_completed(claim: &PersistentVolumeClaim) -> bool {
+    has_annotation(&claim.metadata, ANN_BIND_COMPLETED)
+}
+
 /// The claim's `spec.volumeName`, "" when unset.
 pub fn claim_volume_name(claim: &PersistentVolumeClaim) -> &str {
     claim.spec.as_ref().and_then(|s| s.volume_name.as_deref()).unwrap_or("")
@@ -154,7 +160,7 @@ where
         // A deleted claim that never bound: nothing to bind any more.
         return ClaimStep::Pending(None);
     }
-    if !has_annotation(&claim.metadata, ANN_BIND_COMPLETED) {
+    if !bind_completed(claim) {
         return sync_unbound_claim(claim, volume, find, class);
     }
     let name = claim_volume_name(claim);

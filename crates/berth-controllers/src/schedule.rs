@@ -31,13 +31,11 @@ use k8s_openapi::api::storage::v1::{CSIDriver, CSIStorageCapacity, StorageClass}
 
 use crate::binder::{self, claim_class, is_bound_to, volume_class};
 
-/// Set on a claim once the PV controller has bound it; with `spec.volumeName` it makes the
-/// claim bound.
-pub const ANN_BIND_COMPLETED: &str = "pv.kubernetes.io/bind-completed";
-/// Set on a volume (or claim) whose binding the controller, not the user, made.
-pub const ANN_BOUND_BY_CONTROLLER: &str = "pv.kubernetes.io/bound-by-controller";
-/// Set on a claim by the scheduler: the node its volume is to be provisioned for.
-pub const ANN_SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
+/// The binding annotations: `bind-completed` (set on a claim once the PV controller has bound
+/// it; with `spec.volumeName` it makes the claim bound), `bound-by-controller` (on a volume or
+/// claim whose binding the controller, not the user, made) and `selected-node` (set on a claim
+/// by the scheduler: the node its volume is to be provisioned for).
+pub use crate::pv_sync::{ANN_BIND_COMPLETED, ANN_BOUND_BY_CONTROLLER, ANN_SELECTED_NODE};
 /// The provisioner of classes that cannot provision (local volumes made by hand).
 pub const NO_PROVISIONER: &str = "kubernetes.io/no-provisioner";
 /// The taint an unschedulable node carries; a pod that tolerates it may still go there.
@@ -441,7 +439,7 @@ fn claim_key(claim: &PersistentVolumeClaim) -> String {
 /// `pv.kubernetes.io/bind-completed` annotation (whatever its value). A claim that names a
 /// volume without the annotation is pre-bound, not bound.
 pub fn claim_is_bound(claim: &PersistentVolumeClaim) -> bool {
-    !claim_volume_name(claim).is_empty() && has_annotation(&claim.metadata, ANN_BIND_COMPLETED)
+    !claim_volume_name(claim).is_empty() && crate::pv_sync::bind_completed(claim)
 }
 
 /// Whether `claim` waits for its first consumer: its class exists and has

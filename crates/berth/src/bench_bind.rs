@@ -5,8 +5,8 @@
 //!    its claim and each claim its PV, as Kubernetes' own benchmark does; otherwise the binder
 //!    matches them), then kills it.
 //! 2. Starts it again with the controllers and watches the claims, from the revision the fill
-//!    ended at, until every one is Bound. Time-to-bound is measured from that start, so it includes the server's start and the
-//!    informers' first list.
+//!    ended at, until every one is Bound. Time-to-bound is measured from that start, so it
+//!    includes the server's start and the informers' first list.
 //! 3. Checks the result through the API: every volume Bound, to distinct claims, and each
 //!    claim's `volumeName` naming a volume whose claimRef names it back.
 //!
